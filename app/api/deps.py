@@ -1,0 +1,47 @@
+"""Dependency aliases for route signatures: settings, DB session, the caller's API key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlmodel import Session
+
+from app import db, keys
+from app.core.config import Settings, get_settings
+from app.engine import Dispatcher
+from app.errors import AuthError
+from app.tables import ApiKey
+from models.catalog import Catalog, load_catalog
+
+
+def _session() -> Iterator[Session]:
+    with db.session_scope() as session:
+        yield session
+
+
+def _api_key(request: Request, session: Annotated[Session, Depends(_session)]) -> ApiKey:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+    row = keys.verify_key(session, token.strip())
+    request.state.api_key_id = row.id
+    return row
+
+
+def _catalog(settings: Annotated[Settings, Depends(get_settings)]) -> Catalog:
+    return load_catalog(settings.catalog_path)
+
+
+def _dispatcher(request: Request) -> Dispatcher:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    return dispatcher
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(_session)]
+ApiKeyDep = Annotated[ApiKey, Depends(_api_key)]
+CatalogDep = Annotated[Catalog, Depends(_catalog)]
+DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]

@@ -1,0 +1,189 @@
+"""Workflows: submit, read, list, cancel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy import and_, or_
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from app import engine, live
+from app.api.deps import ApiKeyDep, CatalogDep, DispatcherDep, SessionDep, SettingsDep
+from app.errors import ConflictError, NotFoundError, SpecError
+from app.schemas import WorkflowAccepted, WorkflowPage, WorkflowPublic, WorkflowSummary
+from app.spec import WorkflowSpec, validate_workflow
+from app.tables import StepRun, WorkflowRun, WorkflowStatus
+from app.tokens import count_tokens
+
+router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
+
+_SPEC_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": WorkflowSpec.model_json_schema()}},
+    }
+}
+
+
+async def _read_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    too_big = SpecError.single(
+        ("body",),
+        f"request body is over the limit of {limit} bytes (CORRAL_MAX_BODY_BYTES)",
+        "body_too_large",
+    )
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError.single(("body",), f"body is not valid JSON: {exc}", "json_invalid") from exc
+
+
+def _summary(run: WorkflowRun) -> WorkflowAccepted:
+    return WorkflowAccepted(id=run.id, status=run.status, url=f"/v1/workflows/{run.id}")
+
+
+@router.post("", status_code=202, response_model=WorkflowAccepted, openapi_extra=_SPEC_SCHEMA)
+async def submit_workflow(
+    request: Request,
+    response: Response,
+    key: ApiKeyDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+    dispatcher: DispatcherDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> WorkflowAccepted:
+    """Validate a workflow spec, store it, and enqueue its ready steps.
+
+    With an ``Idempotency-Key`` header, a retried submit of the same body returns the
+    workflow the first one created (``Idempotent-Replayed: true``); the same key with a
+    different body is a 409.
+    """
+    raw = await _read_body(request, settings.max_body_bytes)
+    request_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+    if idempotency_key:
+        earlier = engine.find_idempotent(session, key.id, idempotency_key)
+        if earlier is not None:
+            return _replay(earlier, request_hash, response)
+    validated = validate_workflow(raw, catalog, settings, count_tokens)
+    try:
+        run = engine.create_workflow(
+            validated,
+            dispatcher,
+            api_key_id=key.id,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+        )
+    except IntegrityError:
+        # A concurrent submit with the same Idempotency-Key won the race.
+        session.rollback()
+        earlier = engine.find_idempotent(session, key.id, idempotency_key or "")
+        if earlier is None:
+            raise
+        return _replay(earlier, request_hash, response)
+    response.headers["Location"] = f"/v1/workflows/{run.id}"
+    return _summary(run)
+
+
+def _replay(run: WorkflowRun, request_hash: str, response: Response) -> WorkflowAccepted:
+    if run.request_hash != request_hash:
+        raise ConflictError(
+            "Idempotency-Key was already used for a different request body "
+            f"(workflow {run.id}); use a new key"
+        )
+    response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/workflows/{run.id}"
+    return _summary(run)
+
+
+def _owned(session: SessionDep, key: ApiKeyDep, workflow_id: str) -> WorkflowRun:
+    run = session.get(WorkflowRun, workflow_id)
+    if run is None or run.api_key_id != key.id:
+        raise NotFoundError(f"no workflow {workflow_id!r}")
+    return run
+
+
+@router.get("/{workflow_id}", response_model=WorkflowPublic)
+def get_workflow(workflow_id: str, key: ApiKeyDep, session: SessionDep) -> WorkflowPublic:
+    """A workflow's status and, per step: status, attempts, output, error, timings."""
+    from app.schemas import StepPublic
+
+    run = _owned(session, key, workflow_id)
+    steps = session.exec(
+        select(StepRun).where(StepRun.workflow_id == run.id).order_by(StepRun.position)  # type: ignore[arg-type]
+    ).all()
+    return WorkflowPublic(
+        **WorkflowSummary.of(run).model_dump(), steps=[StepPublic.of(s) for s in steps]
+    )
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        stamp, _, wid = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return datetime.fromisoformat(stamp), wid
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise SpecError.single(("query", "cursor"), "invalid cursor", "cursor") from exc
+
+
+@router.get("", response_model=WorkflowPage)
+def list_workflows(
+    key: ApiKeyDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    status: WorkflowStatus | None = None,
+    limit: Annotated[int, Query(ge=1)] = 50,
+    cursor: str | None = None,
+) -> WorkflowPage:
+    """This key's workflows, newest first, optionally of one status; paged by cursor."""
+    if limit > settings.max_list_limit:
+        raise SpecError.single(
+            ("query", "limit"),
+            f"limit must be ≤ {settings.max_list_limit} (CORRAL_MAX_LIST_LIMIT), got {limit}",
+            "limit",
+        )
+    query = select(WorkflowRun).where(WorkflowRun.api_key_id == key.id)
+    if status is not None:
+        query = query.where(WorkflowRun.status == status)
+    if cursor:
+        at, wid = _decode_cursor(cursor)
+        query = query.where(
+            or_(
+                WorkflowRun.created_at < at,  # type: ignore[arg-type]
+                and_(WorkflowRun.created_at == at, WorkflowRun.id < wid),  # type: ignore[arg-type]
+            )
+        )
+    rows = session.exec(
+        query.order_by(WorkflowRun.created_at.desc(), WorkflowRun.id.desc()).limit(limit + 1)  # type: ignore[attr-defined]
+    ).all()
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = base64.urlsafe_b64encode(
+            f"{last.created_at.isoformat()}|{last.id}".encode()
+        ).decode()
+    return WorkflowPage(items=[WorkflowSummary.of(r) for r in rows[:limit]], next_cursor=next_cursor)
+
+
+@router.post("/{workflow_id}/cancel", response_model=WorkflowSummary)
+def cancel_workflow(workflow_id: str, key: ApiKeyDep, session: SessionDep) -> WorkflowSummary:
+    """Cancel a running workflow: unfinished steps become cancelled; running ones stop."""
+    _owned(session, key, workflow_id)
+    session.commit()
+    run = engine.cancel_workflow(workflow_id)
+    live.request_cancel(workflow_id)
+    return WorkflowSummary.of(run)

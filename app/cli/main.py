@@ -1,0 +1,267 @@
+"""The ``corral`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from app.cli import models_cmd
+from app.core.config import get_settings
+from app.errors import CorralError
+
+app = typer.Typer(help="Corral: local LLM workflows on per-model worker pools.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+db_app = typer.Typer(help="The database.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+app.add_typer(models_cmd.app, name="models")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def up(
+    demo: Annotated[bool, typer.Option(help="Submit the demo workflow and print its result.")] = True,
+    exit_after_demo: Annotated[
+        bool, typer.Option(help="Stop everything once the demo workflow has finished.")
+    ] = False,
+    flower: Annotated[bool, typer.Option(help="Run Flower too.")] = True,
+) -> None:
+    """Run the whole platform on embedded defaults: Redis, SQLite, API, workers, beat, Flower."""
+    from app.cli.up import run_platform
+
+    try:
+        code = run_platform(demo=demo, exit_after_demo=exit_after_demo, flower=flower)
+    except CorralError as exc:
+        raise _fail(str(exc)) from exc
+    raise typer.Exit(code)
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from app.api.main import create_app
+
+    settings = get_settings()
+    try:
+        settings.broker_url  # noqa: B018  (fail early with what to do)
+    except CorralError as exc:
+        raise _fail(str(exc)) from exc
+    uvicorn.run(
+        create_app(),
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_level=settings.log_level.lower(),
+    )
+
+
+@app.command()
+def worker(
+    model: Annotated[str, typer.Option(help="Catalog name of the model this pool serves.")],
+    gpu: Annotated[
+        str, typer.Option(help="'none' (CPU), 'auto', or a GPU index to pin to.")
+    ] = "none",
+    concurrency: Annotated[int, typer.Option(min=1, help="Model instances (processes).")] = 1,
+) -> None:
+    """Run a worker pool for one model: consumes only queue ``model.<name>``."""
+    from app.cli.worker import run_worker
+
+    try:
+        run_worker(model, gpu=gpu, concurrency=concurrency)
+    except CorralError as exc:
+        raise _fail(str(exc)) from exc
+
+
+@app.command()
+def beat() -> None:
+    """Run Celery beat (periodic jobs) with a worker for the ``corral.system`` queue."""
+    from workers.celery_app import SYSTEM_QUEUE, celery_app
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    celery_app.worker_main(
+        [
+            "worker",
+            "--beat",
+            "--schedule",
+            str(settings.data_dir / "celerybeat-schedule"),
+            "-Q",
+            SYSTEM_QUEUE,
+            "--pool",
+            "solo",
+            "-n",
+            f"system.{os.getpid()}@%h",
+            "--loglevel",
+            settings.log_level,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command(name="flower")
+def flower_cmd(
+    port: Annotated[int, typer.Option(help="Port.")] = 5555,
+    basic_auth: Annotated[
+        str | None,
+        typer.Option(envvar="CORRAL_FLOWER_BASIC_AUTH", help="user:password for Flower."),
+    ] = None,
+) -> None:
+    """Run Flower, Celery's monitor, behind basic auth."""
+    if not basic_auth or ":" not in basic_auth:
+        raise _fail("Flower needs --basic-auth USER:PASSWORD (or CORRAL_FLOWER_BASIC_AUTH)")
+    from workers.celery_app import celery_app
+
+    celery_app.start(
+        [
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            f"--basic-auth={basic_auth}",
+            "--purge_offline_workers=60",
+        ]
+    )
+
+
+def _load_spec(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc}") from exc
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise _fail(f"{path} is not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="Workflow spec, JSON or YAML.")],
+    wait: Annotated[bool, typer.Option(help="Wait for the result and print it.")] = False,
+    api_url: Annotated[
+        str, typer.Option(envvar="CORRAL_API_URL", help="Base URL of the API.")
+    ] = "http://127.0.0.1:8000",
+    key: Annotated[str | None, typer.Option(envvar="CORRAL_API_KEY", help="API key.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 600.0,
+) -> None:
+    """Submit a workflow; with --wait, print each step's result when it ends."""
+    if not key:
+        raise _fail("an API key is needed: --key or CORRAL_API_KEY (`corral keys create NAME`)")
+    spec = _load_spec(file)
+    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {key}"}) as client:
+        resp = client.post("/v1/workflows", json=spec)
+        if resp.status_code != 202:
+            raise _fail(f"HTTP {resp.status_code}: {_detail(resp)}")
+        wid = resp.json()["id"]
+        console.print(f"submitted workflow [bold]{wid}[/bold]")
+        if not wait:
+            return
+        run = wait_for(client, wid, timeout)
+    print_run(run)
+    raise typer.Exit(0 if run["status"] == "succeeded" else 1)
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        detail = resp.json().get("detail")
+    except ValueError:
+        return resp.text
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)
+    return str(detail)
+
+
+def wait_for(client: httpx.Client, workflow_id: str, timeout_s: float) -> dict[str, Any]:
+    """Poll a workflow until it ends (or the timeout passes)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        run: dict[str, Any] = client.get(f"/v1/workflows/{workflow_id}").raise_for_status().json()
+        if run["status"] != "running" or time.monotonic() > deadline:
+            return run
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+def print_run(run: dict[str, Any]) -> None:
+    """A workflow's steps as a table, then each step's output text."""
+    table = Table(title=f"workflow {run['name']} ({run['id']}): {run['status']}")
+    for col in ("step", "kind", "model", "status", "attempts", "tokens", "ms"):
+        table.add_column(col)
+    for s in run["steps"]:
+        out = s.get("output") or {}
+        tokens = f"{out.get('prompt_tokens', '')}/{out.get('completion_tokens', '')}"
+        ms = f"{s['duration_ms']:.0f}" if s.get("duration_ms") is not None else ""
+        table.add_row(
+            s["id"], s["kind"], s["model"], s["status"], str(s["attempts"]), tokens, ms
+        )
+    console.print(table)
+    for s in run["steps"]:
+        out = s.get("output") or {}
+        if "text" in out:
+            console.print(f"[bold]{s['id']}[/bold]: {out['text']!r}")
+        elif "vectors" in out:
+            console.print(f"[bold]{s['id']}[/bold]: {len(out['vectors'])} vector(s) of {out['dim']}")
+        elif s.get("error"):
+            console.print(f"[bold]{s['id']}[/bold]: [yellow]{s['error']}[/yellow]")
+    if run.get("error"):
+        console.print(f"[red]{run['error']}[/red]")
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Argument(help="A name for the key.")]) -> None:
+    """Create an API key and print it (it is shown only once)."""
+    from app import db, keys
+
+    with db.session_scope(write=True) as session:
+        _row, key = keys.create_key(session, name)
+    print(key)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Migrate the database to the latest schema."""
+    from app.migrate import upgrade
+
+    upgrade(revision=revision)
+    console.print(f"database at {get_settings().sqlalchemy_url.split('@')[-1]} is at {revision}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(
+        level=os.environ.get("CORRAL_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "alembic", "gguf"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""`corral up`: the whole platform on one machine, on embedded defaults.
+
+Starts a Redis of its own (unless ``CORRAL_REDIS_URL`` is set) and SQLite in the data
+directory (unless ``CORRAL_DATABASE_URL`` is set), migrates, makes the tiny models when no
+model is present, then runs the API, one worker per present model, beat and Flower as child
+processes, prints an API key, and runs a demo workflow.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+
+from app.core.config import get_settings, reload_settings
+from app.embedded import EmbeddedRedis, free_port
+from app.errors import ConfigError
+from models.catalog import load_catalog
+
+console = Console()
+
+DEMO_WORKFLOW: dict[str, Any] = {
+    "name": "demo",
+    "steps": [
+        {
+            "id": "draft",
+            "kind": "generate",
+            "model": "tiny-chat",
+            "input": {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "seed": 7},
+        },
+        {
+            "id": "critique",
+            "kind": "chat",
+            "model": "tiny-chat",
+            "depends_on": ["draft"],
+            "input": {
+                "messages": [
+                    {"role": "user", "content": "Critique this: {{ steps.draft.output.text }}"}
+                ],
+                "max_tokens": 16,
+                "temperature": 0,
+                "seed": 7,
+            },
+        },
+        {
+            "id": "index",
+            "kind": "embed",
+            "model": "tiny-embed",
+            "depends_on": ["draft"],
+            "input": {"texts": ["{{ steps.draft.output.text }}"]},
+        },
+        {
+            "id": "final",
+            "kind": "generate",
+            "model": "tiny-chat",
+            "depends_on": ["critique", "index"],
+            "when": "steps.index.output.dim > 0",
+            "input": {
+                "prompt": "Revise: {{ steps.draft.output.text }}",
+                "max_tokens": 16,
+                "temperature": 0,
+                "seed": 7,
+            },
+        },
+    ],
+}
+
+
+@dataclass
+class Supervisor:
+    """Child processes of `corral up`, each logging to its own file."""
+
+    log_dir: Path
+    env: dict[str, str]
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self.children[name] = subprocess.Popen(
+            [sys.executable, "-m", "app.cli.main", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def check(self) -> None:
+        for name, proc in self.children.items():
+            if proc.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise ConfigError(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        for proc in self.children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.children.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(sup: Supervisor, api: httpx.Client, models: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sup.check()
+        try:
+            if api.get("/readyz").status_code == 200:
+                live = {m["name"]: m["workers"] for m in api.get("/v1/models").json()}
+                if all(live.get(m, 0) > 0 for m in models):
+                    return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise ConfigError(f"the platform did not become ready in {timeout_s:.0f} s; see {sup.log_dir}")
+
+
+def run_platform(*, demo: bool, exit_after_demo: bool, flower: bool) -> int:
+    """Run everything; returns the process exit code."""
+    settings = get_settings()
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["CORRAL_DATA_DIR"] = str(data_dir)
+    redis_server: EmbeddedRedis | None = None
+    if not settings.redis_url:
+        redis_server = EmbeddedRedis(data_dir / "redis").start()
+        env["CORRAL_REDIS_URL"] = redis_server.url
+        console.print(f"redis    embedded redis-server at {redis_server.url} (AOF in {data_dir})")
+    env["CORRAL_DATABASE_URL"] = settings.database_url or f"sqlite:///{data_dir / 'corral.db'}"
+    os.environ.update(env)
+    settings = reload_settings()
+    sup = Supervisor(data_dir / "logs", env)
+    try:
+        return _run(settings, sup, demo=demo, exit_after_demo=exit_after_demo, flower=flower)
+    finally:
+        sup.stop()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, flower: bool) -> int:
+    from app import db, keys
+    from app.migrate import upgrade
+    from models.tiny import make_tiny
+
+    upgrade()
+    console.print(f"database {settings.sqlalchemy_url.split('@')[-1]} migrated")
+    catalog = load_catalog(settings.catalog_path)
+    present = catalog.present(settings.models_path)
+    if not present:
+        make_tiny(settings.models_path)
+        present = catalog.present(settings.models_path)
+        console.print(f"models   no model present: made the tiny models in {settings.models_path}")
+    names = [e.name for e in present]
+    port = settings.api_port
+    sup.start("api", "api", "--host", settings.api_host, "--port", str(port))
+    for name in names:
+        sup.start(f"worker-{name}", "worker", "--model", name)
+    sup.start("beat", "beat")
+    if flower:
+        auth = f"admin:{secrets.token_urlsafe(12)}"
+        sup.env["CORRAL_FLOWER_BASIC_AUTH"] = auth
+        flower_port = free_port()
+        sup.start("flower", "flower", "--port", str(flower_port))
+        console.print(f"flower   http://127.0.0.1:{flower_port}  (basic auth {auth})")
+    base = f"http://{settings.api_host}:{port}"
+    with db.session_scope(write=True) as session:
+        _row, key = keys.create_key(session, "corral-up")
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as api:
+        _wait_ready(sup, api, names, timeout_s=180)
+        console.print(f"api      {base}  (docs at {base}/docs)")
+        console.print(f"workers  {', '.join(names)}; logs in {sup.log_dir}")
+        console.print(f"api key  {key}")
+        code = 0
+        if demo and {"tiny-chat", "tiny-embed"} <= set(names):
+            code = _run_demo(api)
+    if exit_after_demo:
+        return code
+    console.print("running; Ctrl-C stops everything")
+    try:
+        while True:
+            sup.check()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    return code
+
+
+def _run_demo(api: httpx.Client) -> int:
+    from app.cli.main import print_run, wait_for
+
+    resp = api.post("/v1/workflows", json=DEMO_WORKFLOW)
+    if resp.status_code != 202:
+        console.print(f"[red]demo submit failed: HTTP {resp.status_code} {resp.text}[/red]")
+        return 1
+    run = wait_for(api, resp.json()["id"], timeout_s=120)
+    print_run(run)
+    return 0 if run["status"] == "succeeded" else 1

@@ -1,0 +1,140 @@
+"""Corral's settings: one class, read from ``CORRAL_*`` variables, validated once.
+
+Every process (API, worker, beat, CLI) reads the same class. Tests replace it through one
+seam, :func:`use_settings`, or by setting ``CORRAL_*`` variables for a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.errors import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CATALOG = PACKAGE_ROOT / "models" / "catalog.yaml"
+
+
+class Settings(BaseSettings):
+    """All of Corral's configuration, from ``CORRAL_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore", frozen=True)
+
+    # Where things live.
+    data_dir: Path = Field(default=Path(".corral"), description="state of the embedded services")
+    models_dir: Path | None = Field(default=None, description="GGUF files; default DATA_DIR/models")
+    catalog_path: Path = DEFAULT_CATALOG
+
+    # Services. Unset means: `corral up` starts an embedded Redis, and SQLite in DATA_DIR.
+    redis_url: str | None = None
+    database_url: str | None = None
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Limits on what a client may submit.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_steps: int = Field(default=200, ge=1)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    max_step_timeout_s: float = Field(default=3600.0, gt=0)
+    default_step_timeout_s: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    max_backoff_s: float = Field(default=3600.0, ge=0)
+    max_list_limit: int = Field(default=200, ge=1)
+
+    # Workers.
+    worker_heartbeat_s: float = Field(default=10.0, gt=0)
+    cancel_poll_s: float = Field(default=0.1, gt=0)
+    reconcile_s: float = Field(default=15.0, gt=0, description="beat: resend undispatched steps")
+    # Chaos testing: "STEP_ID:N,..." makes the first N attempts of steps with that id fail
+    # inside the worker, through the real failure path. Empty (the default) disables it.
+    fault_injection: str = ""
+
+    @field_validator("data_dir", "models_dir", "catalog_path")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    @property
+    def models_path(self) -> Path:
+        """The directory that holds GGUF files."""
+        return self.models_dir or self.data_dir / "models"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL, SQLite in DATA_DIR when none is set; psycopg 3 for PostgreSQL."""
+        url = self.database_url or f"sqlite:///{self.data_dir / 'corral.db'}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def broker_url(self) -> str:
+        """The Redis URL; raises ConfigError with what to do when none is set."""
+        if not self.redis_url:
+            raise ConfigError(
+                "CORRAL_REDIS_URL is not set: run `corral up` (it starts an embedded Redis), "
+                "or point CORRAL_REDIS_URL at a Redis server, e.g. redis://127.0.0.1:6379/0"
+            )
+        return self.redis_url
+
+    def fault_plan(self) -> dict[str, int]:
+        """Parse ``fault_injection`` into {step id: attempts to fail}."""
+        plan: dict[str, int] = {}
+        for item in filter(None, (p.strip() for p in self.fault_injection.split(","))):
+            step_id, _, count = item.partition(":")
+            if not count.isdigit():
+                raise ConfigError(
+                    f"CORRAL_FAULT_INJECTION must be 'STEP_ID:N,...', got {self.fault_injection!r}"
+                )
+            plan[step_id] = int(count)
+        return plan
+
+
+_override: Settings | None = None
+
+
+@lru_cache(maxsize=1)
+def _from_env() -> Settings:
+    return Settings()
+
+
+def get_settings() -> Settings:
+    """The settings in force: the test override if any, else the environment's (read once)."""
+    return _override if _override is not None else _from_env()
+
+
+def reload_settings() -> Settings:
+    """Forget the cached settings and read the environment again."""
+    _from_env.cache_clear()
+    return get_settings()
+
+
+@contextmanager
+def use_settings(settings: Settings) -> Iterator[Settings]:
+    """Replace the settings for the duration of the block (the tests' seam)."""
+    global _override
+    previous, _override = _override, settings
+    try:
+        yield settings
+    finally:
+        _override = previous
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ``CORRAL_*`` variables that reproduce ``settings`` in a child process."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"CORRAL_{name.upper()}"] = str(value)
+    return env

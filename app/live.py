@@ -1,0 +1,69 @@
+"""Live state in Redis: cancellation flags and the registry of running worker pools."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from app.core.config import get_settings
+from app.errors import ServiceUnavailable
+
+CANCEL_KEY = "corral:cancel:{workflow_id}"
+WORKER_KEY = "corral:worker:{hostname}"
+CANCEL_TTL_S = 7 * 24 * 3600
+
+_clients: dict[tuple[str, int], redis.Redis] = {}
+_lock = threading.Lock()
+
+
+def get_redis() -> redis.Redis:
+    """This process's Redis client for the settings' URL (a new one after a fork)."""
+    url = get_settings().broker_url
+    key = (url, os.getpid())
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = redis.Redis.from_url(
+                url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
+            )
+        return client
+
+
+def ping() -> None:
+    """Raise ServiceUnavailable unless Redis answers PING."""
+    try:
+        get_redis().ping()
+    except (RedisError, OSError) as exc:
+        raise ServiceUnavailable(f"Redis is unavailable: {exc}") from exc
+
+
+def request_cancel(workflow_id: str) -> None:
+    """Tell running steps of a workflow to stop (they poll this flag)."""
+    get_redis().set(CANCEL_KEY.format(workflow_id=workflow_id), 1, ex=CANCEL_TTL_S)
+
+
+def is_cancelled(workflow_id: str) -> bool:
+    return bool(get_redis().exists(CANCEL_KEY.format(workflow_id=workflow_id)))
+
+
+def register_worker(hostname: str, info: dict[str, Any], ttl_s: float) -> None:
+    """Announce (or renew) a live worker and its loaded model for ``ttl_s`` seconds."""
+    get_redis().set(WORKER_KEY.format(hostname=hostname), json.dumps(info), ex=max(1, int(ttl_s)))
+
+
+def unregister_worker(hostname: str) -> None:
+    get_redis().delete(WORKER_KEY.format(hostname=hostname))
+
+
+def live_workers() -> list[dict[str, Any]]:
+    """Every worker whose heartbeat has not expired."""
+    client = get_redis()
+    keys = sorted(client.scan_iter(match=WORKER_KEY.format(hostname="*"), count=500))
+    if not keys:
+        return []
+    return [json.loads(v) for v in client.mget(keys) if v is not None]

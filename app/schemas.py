@@ -1,0 +1,109 @@
+"""Public shapes of API responses."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
+
+
+class StepPublic(BaseModel):
+    """A step's state as clients see it."""
+
+    id: str
+    kind: str
+    model: str
+    status: StepStatus
+    depends_on: list[str]
+    attempts: int
+    max_attempts: int
+    output: dict[str, Any] | None
+    error: str | None
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: float | None
+
+    @classmethod
+    def of(cls, row: StepRun) -> StepPublic:
+        duration = (
+            (row.finished_at - row.started_at).total_seconds() * 1000
+            if row.finished_at and row.started_at
+            else None
+        )
+        return cls(
+            id=row.step_id,
+            kind=row.kind,
+            model=row.model,
+            status=row.status,
+            depends_on=row.depends_on,
+            attempts=row.attempts,
+            max_attempts=row.max_attempts,
+            output=row.output,
+            error=row.error,
+            queued_at=row.queued_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            duration_ms=duration,
+        )
+
+
+class WorkflowSummary(BaseModel):
+    """A workflow without its steps (for lists)."""
+
+    id: str
+    name: str
+    status: WorkflowStatus
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: WorkflowRun) -> WorkflowSummary:
+        return cls(
+            id=row.id,
+            name=row.name,
+            status=row.status,
+            error=row.error,
+            created_at=row.created_at,
+            finished_at=row.finished_at,
+        )
+
+
+class WorkflowPublic(WorkflowSummary):
+    """A workflow with every step's state."""
+
+    steps: list[StepPublic]
+
+
+class WorkflowAccepted(BaseModel):
+    """The answer to a submit."""
+
+    id: str
+    status: WorkflowStatus
+    url: str
+
+
+class WorkflowPage(BaseModel):
+    """One page of workflows, newest first; pass ``next_cursor`` to get the next."""
+
+    items: list[WorkflowSummary]
+    next_cursor: str | None
+
+
+class ModelPublic(BaseModel):
+    """A catalog model, whether its file is here, and its live pools."""
+
+    name: str
+    kind: str
+    description: str
+    n_ctx: int
+    context_length: int
+    file: str
+    present: bool
+    size_bytes: int | None
+    workers: int
+    queue: str

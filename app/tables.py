@@ -1,0 +1,193 @@
+"""SQLModel tables: workflow runs, step runs and API keys. The database is the source of truth."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp that reads back aware on SQLite too."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given; Corral stores aware UTC timestamps")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _status_column(enum: type[StrEnum], default: StrEnum, *, index: bool = False) -> Any:
+    # VARCHAR, not a native enum type: a new status needs no ALTER TYPE migration.
+    column = Column(
+        SAEnum(
+            enum,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        ),
+        nullable=False,
+        index=index,
+    )
+    return Field(default=default, sa_column=column)
+
+
+def _ts(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable))
+
+
+class WorkflowStatus(StrEnum):
+    """Where a workflow run is. The engine owns every transition but cancel (the API's).
+
+    ::
+
+        running ──(engine: every step succeeded or skipped)──> succeeded
+        running ──(engine: a step failed for good)─────────────> failed
+        running ──(API: POST /v1/workflows/{id}/cancel)────────> cancelled
+
+    A run is created ``running`` in the same commit that writes its steps.
+    """
+
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not WorkflowStatus.running
+
+
+class StepStatus(StrEnum):
+    """Where a step run is, and who moves it.
+
+    ::
+
+        pending ──(engine: dependencies done, condition true)──────> queued
+        pending ──(engine: condition false / dependencies skipped)──> skipped
+        queued  ──(worker: claims the task)─────────────────────────> running
+        running ──(worker: output stored)───────────────────────────> succeeded
+        running ──(worker: error, attempts left)────────────────────> retrying
+        retrying ─(worker: claims the delayed task)─────────────────> running
+        running ──(worker: error, no attempts left or not retryable)> failed
+        pending|queued|retrying|running
+                ──(engine: the workflow failed; API: cancel)────────> cancelled
+
+    ``succeeded``, ``failed``, ``skipped`` and ``cancelled`` are terminal. A worker's
+    claim and its result are both conditional on (status, attempt), so a task delivered
+    twice never records two results nor advances the workflow twice.
+    """
+
+    pending = "pending"
+    queued = "queued"
+    running = "running"
+    retrying = "retrying"
+    succeeded = "succeeded"
+    failed = "failed"
+    skipped = "skipped"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL_STEP
+
+
+_TERMINAL_STEP = frozenset(
+    {StepStatus.succeeded, StepStatus.failed, StepStatus.skipped, StepStatus.cancelled}
+)
+
+
+class WorkflowRun(SQLModel, table=True):
+    """One submitted workflow: its spec as validated, and its overall status."""
+
+    __tablename__ = "workflow_run"
+    __table_args__ = (
+        UniqueConstraint("api_key_id", "idempotency_key", name="uq_workflow_run_idempotency"),
+        Index("ix_workflow_run_created", "created_at", "id"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    name: str = Field(max_length=200)
+    status: WorkflowStatus = _status_column(WorkflowStatus, WorkflowStatus.running, index=True)
+    spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    api_key_id: int | None = Field(default=None, foreign_key="api_key.id", index=True)
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_hash: str | None = Field(default=None, max_length=64)
+    error: str | None = None
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    finished_at: datetime | None = _ts()
+
+
+class StepRun(SQLModel, table=True):
+    """One step of one workflow run: status, attempts, output or error, and timings."""
+
+    __tablename__ = "step_run"
+    __table_args__ = (
+        UniqueConstraint("workflow_id", "step_id", name="uq_step_run_workflow_step"),
+        Index("ix_step_run_status_queued", "status", "queued_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    workflow_id: str = Field(foreign_key="workflow_run.id", index=True, max_length=32)
+    step_id: str = Field(max_length=64)
+    position: int
+    kind: str = Field(max_length=16)
+    model: str = Field(max_length=128)
+    status: StepStatus = _status_column(StepStatus, StepStatus.pending)
+    depends_on: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    attempts: int = 0
+    max_attempts: int = 1
+    output: dict[str, Any] | None = Field(
+        default=None, sa_column=Column(JSON(none_as_null=True), nullable=True)
+    )
+    error: str | None = None
+    queued_at: datetime | None = _ts()
+    dispatched_at: datetime | None = _ts()
+    started_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key: only its prefix (for lookup) and its SHA-256 hash are stored."""
+
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100)
+    prefix: str = Field(max_length=16, unique=True)
+    key_hash: str = Field(max_length=64)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    last_used_at: datetime | None = _ts()
+    revoked_at: datetime | None = _ts()

@@ -1,0 +1,131 @@
+"""A model worker process's lifecycle: load the model after the fork, heartbeat, unload.
+
+``corral worker --model NAME`` sets ``CORRAL_WORKER_MODEL`` and starts Celery's prefork
+pool; each pool process loads the GGUF once in ``worker_process_init`` (after the fork,
+never at import) and announces itself in Redis while it lives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from app import db, live
+from app.core.config import get_settings
+from app.errors import ModelFileError
+from models.catalog import load_catalog
+from workers.runtime import LlamaCppRuntime, ModelRuntime, Placement
+
+log = logging.getLogger(__name__)
+
+WORKER_MODEL_ENV = "CORRAL_WORKER_MODEL"
+
+
+class _State:
+    runtime: ModelRuntime | None = None
+    error: str | None = None
+    worker_id: str = ""
+    info: dict[str, Any] = {}  # noqa: RUF012
+    stop = threading.Event()
+
+
+def worker_model() -> str | None:
+    """The model this worker process serves, if it is a model worker."""
+    return os.environ.get(WORKER_MODEL_ENV) or None
+
+
+def placement_from_env() -> Placement:
+    """Where to put the model, as the scheduler (or the defaults) decided."""
+    layers = int(os.environ.get("CORRAL_N_GPU_LAYERS", "0"))
+    split = os.environ.get("CORRAL_TENSOR_SPLIT")
+    threads = os.environ.get("CORRAL_N_THREADS")
+    return Placement(
+        n_gpu_layers=layers,
+        main_gpu=int(os.environ.get("CORRAL_MAIN_GPU", "0")),
+        tensor_split=[float(x) for x in split.split(",")] if split else None,
+        n_threads=int(threads) if threads else None,
+    )
+
+
+def load_runtime(name: str) -> ModelRuntime:
+    """Load ``name`` from the models directory into llama.cpp."""
+    settings = get_settings()
+    catalog = load_catalog(settings.catalog_path)
+    entry = catalog.get(name)
+    return LlamaCppRuntime(entry, catalog.path_for(entry, settings.models_path), placement_from_env())
+
+
+def get_runtime() -> ModelRuntime:
+    """This process's loaded model (loading it now if the init hook did not)."""
+    if _State.runtime is None:
+        name = worker_model()
+        if name is None:
+            raise ModelFileError(f"this process serves no model; set {WORKER_MODEL_ENV}")
+        if _State.error is not None:
+            raise ModelFileError(_State.error)
+        _State.runtime = load_runtime(name)
+    return _State.runtime
+
+
+def _heartbeat() -> None:
+    ttl = get_settings().worker_heartbeat_s * 3
+    while not _State.stop.is_set():
+        try:
+            live.register_worker(_State.worker_id, _State.info, ttl)
+        except Exception as exc:  # Redis down: keep trying, the worker keeps working.
+            log.warning("heartbeat failed: %s", exc)
+        _State.stop.wait(get_settings().worker_heartbeat_s)
+
+
+def set_busy(busy: bool) -> None:
+    """Record in the heartbeat whether a step is running (issue #3 never evicts busy pools)."""
+    _State.info["busy"] = busy
+    if not busy:
+        _State.info["steps_done"] = int(_State.info.get("steps_done", 0)) + 1
+
+
+@worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    name = worker_model()
+    if name is None:
+        return
+    db.dispose_engines()
+    try:
+        runtime = load_runtime(name)
+    except Exception as exc:
+        _State.error = f"worker could not load model {name!r}: {exc}"
+        log.error("%s", _State.error)
+        return
+    _State.runtime = runtime
+    _State.worker_id = f"{name}@{socket.gethostname()}:{os.getpid()}"
+    _State.info = {
+        "worker": _State.worker_id,
+        "model": name,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "n_ctx": runtime.n_ctx,
+        "load_ms": round(getattr(runtime, "load_ms", 0.0), 1),
+        "started_at": time.time(),
+        "busy": False,
+        "steps_done": 0,
+    }
+    threading.Thread(target=_heartbeat, name="corral-heartbeat", daemon=True).start()
+
+
+@worker_process_shutdown.connect
+def _on_process_shutdown(**_: Any) -> None:
+    _State.stop.set()
+    if _State.worker_id:
+        try:
+            live.unregister_worker(_State.worker_id)
+        except Exception as exc:
+            log.warning("could not unregister %s: %s", _State.worker_id, exc)
+    if _State.runtime is not None:
+        _State.runtime.close()
+        _State.runtime = None

@@ -1,0 +1,240 @@
+"""The model runtime seam: ``ModelRuntime``, and its llama.cpp implementation.
+
+A worker process holds one runtime, created after the fork (never at import). Steps call
+``generate``, ``chat`` or ``embed`` with a :class:`RunControl` that stops the model at the
+step's deadline or when its workflow is cancelled; llama.cpp errors are translated into
+Corral's own here, at one boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from app.errors import ModelFileError, StepCancelled, StepInputError, StepTimeout
+from models.catalog import CatalogEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunControl:
+    """Limits for one model call: a monotonic deadline and a cancellation probe."""
+
+    deadline: float | None = None
+    timeout_s: float | None = None
+    should_cancel: Callable[[], bool] = lambda: False
+    poll_s: float = 0.1
+    ignore_eos: bool = False
+    stopped: str | None = None  # "timeout" | "cancelled" once the control stopped the model
+    first_token_at: float | None = None
+    _last_poll: float = field(default=0.0, repr=False)
+
+    def check(self) -> str | None:
+        """Why the model must stop now, if it must."""
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            return "timeout"
+        if now - self._last_poll >= self.poll_s:
+            self._last_poll = now
+            if self.should_cancel():
+                return "cancelled"
+        return None
+
+    def raise_if_stopped(self) -> None:
+        if self.stopped == "timeout":
+            raise StepTimeout(f"the step ran past its timeout_s of {self.timeout_s or 0:g} s")
+        if self.stopped == "cancelled":
+            raise StepCancelled("the workflow was cancelled while the step ran")
+
+
+class ModelRuntime(Protocol):
+    """A loaded model that runs steps. One per worker process; one call at a time."""
+
+    name: str
+    n_ctx: int
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]: ...
+
+    def chat(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]: ...
+
+    def embed(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where llama.cpp puts the model: layers offloaded, main GPU, split between GPUs."""
+
+    n_gpu_layers: int = 0
+    main_gpu: int = 0
+    tensor_split: list[float] | None = None
+    n_threads: int | None = None
+
+
+class LlamaCppRuntime:
+    """A GGUF model loaded once through llama-cpp-python."""
+
+    def __init__(self, entry: CatalogEntry, path: Path, placement: Placement | None = None) -> None:
+        from llama_cpp import Llama
+
+        placement = placement or Placement()
+        self.name = entry.name
+        self.kind = entry.kind
+        self.n_ctx = entry.n_ctx
+        started = time.perf_counter()
+        embed = entry.kind == "embed"
+        try:
+            self.llm = Llama(
+                model_path=str(path),
+                n_ctx=entry.n_ctx,
+                n_batch=entry.n_ctx if embed else min(512, entry.n_ctx),
+                n_ubatch=entry.n_ctx if embed else min(512, entry.n_ctx),
+                embedding=embed,
+                n_gpu_layers=placement.n_gpu_layers,
+                main_gpu=placement.main_gpu,
+                tensor_split=placement.tensor_split,
+                n_threads=placement.n_threads,
+                seed=0,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelFileError(f"llama.cpp could not load {path} for {entry.name!r}: {exc}") from exc
+        self.load_ms = (time.perf_counter() - started) * 1000
+        self.eos = int(self.llm.token_eos())
+        log.info("loaded %s from %s in %.0f ms", entry.name, path, self.load_ms)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def _processor(self, control: RunControl) -> Callable[[Any, Any], Any]:
+        eos = self.eos
+
+        def process(
+            _input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+        ) -> npt.NDArray[np.single]:
+            if control.first_token_at is None:
+                control.first_token_at = time.perf_counter()
+            if control.stopped is None:
+                control.stopped = control.check()
+            if control.stopped is not None:
+                # Make end-of-sequence the only choice: llama.cpp stops at the next token.
+                scores[:] = -np.inf
+                scores[eos] = 0.0
+            elif control.ignore_eos:
+                scores[eos] = -np.inf
+            return scores
+
+        return process
+
+    @staticmethod
+    def _sampling(inp: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "max_tokens": inp["max_tokens"],
+            "temperature": inp["temperature"],
+            "top_p": inp["top_p"],
+            "top_k": inp["top_k"],
+            "repeat_penalty": inp["repeat_penalty"],
+            "seed": inp.get("seed"),
+            "stop": inp.get("stop") or [],
+        }
+
+    def _finish(self, resp: dict[str, Any], control: RunControl, started: float) -> dict[str, Any]:
+        control.raise_if_stopped()
+        ended = time.perf_counter()
+        choice = resp["choices"][0]
+        usage = resp["usage"]
+        first = control.first_token_at or ended
+        gen_s = max(ended - first, 1e-9)
+        return {
+            "text": choice.get("text") if "text" in choice else choice["message"]["content"],
+            "finish_reason": choice.get("finish_reason"),
+            "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "timings": {
+                "prompt_ms": round((first - started) * 1000, 3),
+                "generate_ms": round(gen_s * 1000, 3),
+                "total_ms": round((ended - started) * 1000, 3),
+                "tokens_per_s": round(usage["completion_tokens"] / gen_s, 2),
+            },
+        }
+
+    def generate(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
+        from llama_cpp import LogitsProcessorList
+
+        prompt: str = inp["prompt"]
+        n_prompt = len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
+        self._check_fits(n_prompt, inp["max_tokens"])
+        control.ignore_eos = bool(inp.get("ignore_eos"))
+        started = time.perf_counter()
+        resp = self.llm.create_completion(
+            prompt,
+            logits_processor=LogitsProcessorList([self._processor(control)]),
+            **self._sampling(inp),
+        )
+        return self._finish(dict(resp), control, started)
+
+    def chat(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
+        from llama_cpp import LogitsProcessorList
+
+        control.ignore_eos = bool(inp.get("ignore_eos"))
+        started = time.perf_counter()
+        try:
+            resp = self.llm.create_chat_completion(
+                messages=inp["messages"],
+                logits_processor=LogitsProcessorList([self._processor(control)]),
+                **self._sampling(inp),
+            )
+        except ValueError as exc:
+            if "exceed context window" in str(exc):
+                raise StepInputError(
+                    f"the chat prompt does not fit model {self.name!r}: {exc}"
+                ) from exc
+            raise
+        out = self._finish(dict(resp), control, started)
+        out["message"] = {"role": "assistant", "content": out["text"]}
+        return out
+
+    def embed(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
+        texts: list[str] = inp["texts"]
+        for i, text in enumerate(texts):
+            n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if n > self.n_ctx:
+                raise StepInputError(
+                    f"input.texts[{i}] is {n} tokens; model {self.name!r} embeds at most "
+                    f"{self.n_ctx} tokens"
+                )
+        started = time.perf_counter()
+        vectors, count = self.llm.embed(
+            texts, normalize=bool(inp.get("normalize", True)), truncate=False, return_count=True
+        )
+        if control.check() == "cancelled":
+            raise StepCancelled("the workflow was cancelled while the step ran")
+        total_ms = (time.perf_counter() - started) * 1000
+        return {
+            "vectors": [[float(x) for x in v] for v in vectors],
+            "dim": len(vectors[0]) if vectors else 0,
+            "prompt_tokens": int(count),
+            "timings": {"total_ms": round(total_ms, 3)},
+        }
+
+    def _check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt + max_tokens > self.n_ctx:
+            raise StepInputError(
+                f"input.prompt is {n_prompt} tokens and input.max_tokens is {max_tokens}: "
+                f"together {n_prompt + max_tokens}, over the {self.n_ctx}-token context of "
+                f"model {self.name!r}"
+            )
+
+    def close(self) -> None:
+        self.llm.close()

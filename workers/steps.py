@@ -1,0 +1,102 @@
+"""Running one step attempt: claim it, call the model, store the result, advance.
+
+:func:`run_step` is the plain function behind the ``corral.step.run`` task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from app import engine, live
+from app.core.config import get_settings
+from app.dispatch import CeleryDispatcher
+from app.engine import Dispatcher, StepWork
+from app.errors import StepCancelled, StepError
+from app.spec import INPUT_MODELS
+from workers.celery_app import celery_app
+from workers.runtime import ModelRuntime, RunControl
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFault(StepError):
+    """A failure injected by CORRAL_FAULT_INJECTION (chaos testing of the retry path)."""
+
+
+def _inject_fault(work: StepWork) -> None:
+    budget = get_settings().fault_plan().get(work.step_id, 0)
+    if work.attempt <= budget:
+        raise InjectedFault(
+            f"injected fault: attempt {work.attempt} of {budget} planned failure(s) "
+            f"of step {work.step_id!r}"
+        )
+
+
+def execute(work: StepWork, runtime: ModelRuntime) -> dict[str, Any]:
+    """Call the model for a claimed step, within its timeout and cancellation."""
+    settings = get_settings()
+    timeout_s = work.timeout_s or settings.default_step_timeout_s
+    params = INPUT_MODELS[work.kind].model_validate(work.input).model_dump()
+    control = RunControl(
+        deadline=time.monotonic() + timeout_s,
+        timeout_s=timeout_s,
+        should_cancel=lambda: live.is_cancelled(work.workflow_id),
+        poll_s=settings.cancel_poll_s,
+    )
+    _inject_fault(work)
+    if work.kind == "generate":
+        out = runtime.generate(params, control)
+    elif work.kind == "chat":
+        out = runtime.chat(params, control)
+    else:
+        out = runtime.embed(params, control)
+    out.setdefault("timings", {})["queue_ms"] = round(work.queued_ms, 3)
+    out["model"] = runtime.name
+    out["attempt"] = work.attempt
+    return out
+
+
+def run_step(
+    step_run_id: str,
+    attempt: int,
+    runtime: ModelRuntime | None = None,
+    dispatcher: Dispatcher | None = None,
+) -> str:
+    """Run one attempt of a step end to end; returns what happened, for logs and tests."""
+    dispatcher = dispatcher or CeleryDispatcher(celery_app)
+    work = engine.claim_step(step_run_id, attempt)
+    if work is None:
+        return "stale"
+    if work.input_error is not None:
+        engine.fail_step(
+            step_run_id, attempt, work.input_error, retryable=False, dispatcher=dispatcher
+        )
+        return "failed"
+    try:
+        if runtime is None:
+            from workers.process import get_runtime
+
+            runtime = get_runtime()
+        output = execute(work, runtime)
+    except StepCancelled:
+        return "cancelled"  # The cancel already recorded the step as cancelled.
+    except StepError as exc:
+        status = engine.fail_step(
+            step_run_id, attempt, str(exc), retryable=exc.retryable, dispatcher=dispatcher
+        )
+        log.info("step %s attempt %s failed (%s): %s", work.step_id, attempt, status, exc)
+        return str(status)
+    except Exception as exc:
+        log.exception("step %s attempt %s crashed", work.step_id, attempt)
+        status = engine.fail_step(
+            step_run_id,
+            attempt,
+            f"{type(exc).__name__}: {exc}",
+            retryable=True,
+            dispatcher=dispatcher,
+        )
+        return str(status)
+    stored = engine.complete_step(step_run_id, attempt, output, dispatcher)
+    return "succeeded" if stored else "discarded"
