@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import random
-from datetime import timedelta
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Protocol
 
 from jinja2 import TemplateError
@@ -71,7 +71,9 @@ class _Tx:
 
     def steps(self) -> dict[str, StepRun]:
         rows = self.session.exec(
-            select(StepRun).where(StepRun.workflow_id == self.workflow.id).order_by(StepRun.position)  # type: ignore[arg-type]
+            select(StepRun)
+            .where(StepRun.workflow_id == self.workflow.id)
+            .order_by(StepRun.position)  # type: ignore[arg-type]
         ).all()
         return {r.step_id: r for r in rows}
 
@@ -233,7 +235,12 @@ def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
         fresh = step.status in _SENDABLE and step.attempts == attempt - 1
         redelivered = step.status is StepStatus.running and step.attempts == attempt
         if tx.workflow.status.terminal or not (fresh or redelivered):
-            log.info("dropping stale delivery of step %s attempt %s (%s)", step_run_id, attempt, step.status)
+            log.info(
+                "dropping stale delivery of step %s attempt %s (%s)",
+                step_run_id,
+                attempt,
+                step.status,
+            )
             return None
         now = utcnow()
         step.status, step.attempts, step.started_at, step.updated_at = (
@@ -307,7 +314,7 @@ def fail_step(
 def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
     """Exponential backoff with equal jitter: between half and all of min(cap, base·2^(n-1))."""
     ceiling = min(cap_s, base_s * (2 ** (attempt - 1)))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    return float(ceiling / 2 + random.uniform(0, ceiling / 2))
 
 
 def cancel_workflow(workflow_id: str) -> WorkflowRun:
@@ -324,6 +331,14 @@ def cancel_workflow(workflow_id: str) -> WorkflowRun:
                 step.status, step.finished_at, step.updated_at = StepStatus.cancelled, now, now
                 step.error = "cancelled by request"
         return run
+
+
+def note_cancelled(step_run_id: str, attempt: int, detail: str) -> None:
+    """Record on a cancelled step what the worker that was running it did."""
+    with db.session_scope(write=True) as session:
+        step = session.get(StepRun, step_run_id)
+        if step is not None and step.status is StepStatus.cancelled and step.attempts == attempt:
+            step.error = detail
 
 
 def mark_dispatched(step_run_ids: Sequence[str]) -> None:

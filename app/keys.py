@@ -36,7 +36,11 @@ def verify_key(session: Session, key: str) -> ApiKey:
     if len(parts) < 3 or not key.startswith(KEY_PREFIX):
         raise AuthError("invalid API key")
     row = session.exec(select(ApiKey).where(ApiKey.prefix == parts[1])).first()
-    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, _hash(key)):
+    if (
+        row is None
+        or row.revoked_at is not None
+        or not hmac.compare_digest(row.key_hash, _hash(key))
+    ):
         raise AuthError("invalid API key")
     return row
 

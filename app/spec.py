@@ -32,7 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.core.config import Settings
 from app.errors import FieldError, SpecError, UnknownModelError
-from app.templating import Reference, check_condition, check_template, has_template, template_strings
+from app.templating import (
+    Reference,
+    check_condition,
+    check_template,
+    has_template,
+    template_strings,
+)
 from models.catalog import Catalog, CatalogEntry
 
 StepKind = Literal["generate", "chat", "embed"]
@@ -195,9 +201,7 @@ def validate_workflow(
         errors.extend(_check_step(i, step, ids, catalog, settings, count_tokens))
     order, cycle = _toposort(spec, ids)
     if cycle:
-        errors.append(
-            FieldError(("steps",), "steps form a cycle: " + " → ".join(cycle), "cycle")
-        )
+        errors.append(FieldError(("steps",), "steps form a cycle: " + " → ".join(cycle), "cycle"))
     if not errors:
         errors.extend(_check_references(spec, ids))
     if errors:

@@ -40,7 +40,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def _status_column(enum: type[StrEnum], default: StrEnum, *, index: bool = False) -> Any:
     # VARCHAR, not a native enum type: a new status needs no ALTER TYPE migration.
-    column = Column(
+    column: Column[Any] = Column(
         SAEnum(
             enum,
             native_enum=False,

@@ -45,7 +45,9 @@ def _walk_refs(tree: nodes.Node) -> set[Reference]:
         if isinstance(cur, nodes.Name) and cur.name == "steps" and chain:
             path = list(reversed(chain))
             refs.add(
-                Reference(path[0], path[1] if len(path) > 1 else None, path[2] if len(path) > 2 else None)
+                Reference(
+                    path[0], path[1] if len(path) > 1 else None, path[2] if len(path) > 2 else None
+                )
             )
     # Only keep the longest path of each chain (inner Getattr nodes repeat prefixes).
     return {
@@ -82,7 +84,9 @@ def render(source: str, context: Mapping[str, Any]) -> str:
         return source
     out = _ENV.from_string(source).render(**context)
     if len(out) > MAX_RENDERED_CHARS:
-        raise TemplateError(f"rendered text is {len(out)} characters; the limit is {MAX_RENDERED_CHARS}")
+        raise TemplateError(
+            f"rendered text is {len(out)} characters; the limit is {MAX_RENDERED_CHARS}"
+        )
     return out
 
 
@@ -103,7 +107,9 @@ def render_value(value: Any, context: Mapping[str, Any]) -> Any:
     return value
 
 
-def template_strings(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
+def template_strings(
+    value: Any, path: tuple[str | int, ...] = ()
+) -> list[tuple[tuple[str | int, ...], str]]:
     """Every string inside a JSON-like value, with its path, for validation."""
     if isinstance(value, str):
         return [(path, value)]

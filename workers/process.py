@@ -58,7 +58,9 @@ def load_runtime(name: str) -> ModelRuntime:
     settings = get_settings()
     catalog = load_catalog(settings.catalog_path)
     entry = catalog.get(name)
-    return LlamaCppRuntime(entry, catalog.path_for(entry, settings.models_path), placement_from_env())
+    return LlamaCppRuntime(
+        entry, catalog.path_for(entry, settings.models_path), placement_from_env()
+    )
 
 
 def get_runtime() -> ModelRuntime:
@@ -90,7 +92,7 @@ def set_busy(busy: bool) -> None:
         _State.info["steps_done"] = int(_State.info.get("steps_done", 0)) + 1
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _on_process_init(**_: Any) -> None:
     name = worker_model()
     if name is None:
@@ -118,7 +120,7 @@ def _on_process_init(**_: Any) -> None:
     threading.Thread(target=_heartbeat, name="corral-heartbeat", daemon=True).start()
 
 
-@worker_process_shutdown.connect
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
 def _on_process_shutdown(**_: Any) -> None:
     _State.stop.set()
     if _State.worker_id:

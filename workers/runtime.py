@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +35,7 @@ class RunControl:
     ignore_eos: bool = False
     stopped: str | None = None  # "timeout" | "cancelled" once the control stopped the model
     first_token_at: float | None = None
+    tokens: int = 0  # tokens sampled so far in this call
     _last_poll: float = field(default=0.0, repr=False)
 
     def check(self) -> str | None:
@@ -52,7 +53,9 @@ class RunControl:
         if self.stopped == "timeout":
             raise StepTimeout(f"the step ran past its timeout_s of {self.timeout_s or 0:g} s")
         if self.stopped == "cancelled":
-            raise StepCancelled("the workflow was cancelled while the step ran")
+            raise StepCancelled(
+                f"cancelled by request; the worker stopped the model after {self.tokens} tokens"
+            )
 
 
 class ModelRuntime(Protocol):
@@ -109,7 +112,9 @@ class LlamaCppRuntime:
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelFileError(f"llama.cpp could not load {path} for {entry.name!r}: {exc}") from exc
+            raise ModelFileError(
+                f"llama.cpp could not load {path} for {entry.name!r}: {exc}"
+            ) from exc
         self.load_ms = (time.perf_counter() - started) * 1000
         self.eos = int(self.llm.token_eos())
         log.info("loaded %s from %s in %.0f ms", entry.name, path, self.load_ms)
@@ -125,6 +130,7 @@ class LlamaCppRuntime:
         ) -> npt.NDArray[np.single]:
             if control.first_token_at is None:
                 control.first_token_at = time.perf_counter()
+            control.tokens += 1
             if control.stopped is None:
                 control.stopped = control.check()
             if control.stopped is not None:
@@ -182,7 +188,7 @@ class LlamaCppRuntime:
             logits_processor=LogitsProcessorList([self._processor(control)]),
             **self._sampling(inp),
         )
-        return self._finish(dict(resp), control, started)
+        return self._finish(cast(dict[str, Any], resp), control, started)
 
     def chat(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
         from llama_cpp import LogitsProcessorList
@@ -201,7 +207,7 @@ class LlamaCppRuntime:
                     f"the chat prompt does not fit model {self.name!r}: {exc}"
                 ) from exc
             raise
-        out = self._finish(dict(resp), control, started)
+        out = self._finish(cast(dict[str, Any], resp), control, started)
         out["message"] = {"role": "assistant", "content": out["text"]}
         return out
 

@@ -80,8 +80,10 @@ def run_step(
 
             runtime = get_runtime()
         output = execute(work, runtime)
-    except StepCancelled:
-        return "cancelled"  # The cancel already recorded the step as cancelled.
+    except StepCancelled as exc:
+        # The cancel already recorded the step as cancelled; add what the worker did.
+        engine.note_cancelled(step_run_id, attempt, str(exc))
+        return "cancelled"
     except StepError as exc:
         status = engine.fail_step(
             step_run_id, attempt, str(exc), retryable=exc.retryable, dispatcher=dispatcher

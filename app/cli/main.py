@@ -20,7 +20,9 @@ from app.cli import models_cmd
 from app.core.config import get_settings
 from app.errors import CorralError
 
-app = typer.Typer(help="Corral: local LLM workflows on per-model worker pools.", no_args_is_help=True)
+app = typer.Typer(
+    help="Corral: local LLM workflows on per-model worker pools.", no_args_is_help=True
+)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 db_app = typer.Typer(help="The database.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -38,7 +40,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.command()
 def up(
-    demo: Annotated[bool, typer.Option(help="Submit the demo workflow and print its result.")] = True,
+    demo: Annotated[
+        bool, typer.Option(help="Submit the demo workflow and print its result.")
+    ] = True,
     exit_after_demo: Annotated[
         bool, typer.Option(help="Stop everything once the demo workflow has finished.")
     ] = False,
@@ -216,16 +220,16 @@ def print_run(run: dict[str, Any]) -> None:
         out = s.get("output") or {}
         tokens = f"{out.get('prompt_tokens', '')}/{out.get('completion_tokens', '')}"
         ms = f"{s['duration_ms']:.0f}" if s.get("duration_ms") is not None else ""
-        table.add_row(
-            s["id"], s["kind"], s["model"], s["status"], str(s["attempts"]), tokens, ms
-        )
+        table.add_row(s["id"], s["kind"], s["model"], s["status"], str(s["attempts"]), tokens, ms)
     console.print(table)
     for s in run["steps"]:
         out = s.get("output") or {}
         if "text" in out:
             console.print(f"[bold]{s['id']}[/bold]: {out['text']!r}")
         elif "vectors" in out:
-            console.print(f"[bold]{s['id']}[/bold]: {len(out['vectors'])} vector(s) of {out['dim']}")
+            console.print(
+                f"[bold]{s['id']}[/bold]: {len(out['vectors'])} vector(s) of {out['dim']}"
+            )
         elif s.get("error"):
             console.print(f"[bold]{s['id']}[/bold]: [yellow]{s['error']}[/yellow]")
     if run.get("error"):

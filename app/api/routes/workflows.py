@@ -176,7 +176,9 @@ def list_workflows(
         next_cursor = base64.urlsafe_b64encode(
             f"{last.created_at.isoformat()}|{last.id}".encode()
         ).decode()
-    return WorkflowPage(items=[WorkflowSummary.of(r) for r in rows[:limit]], next_cursor=next_cursor)
+    return WorkflowPage(
+        items=[WorkflowSummary.of(r) for r in rows[:limit]], next_cursor=next_cursor
+    )
 
 
 @router.post("/{workflow_id}/cancel", response_model=WorkflowSummary)
