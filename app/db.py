@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
 from app.core.config import get_settings
@@ -92,7 +92,7 @@ def session_scope(*, write: bool = False) -> Iterator[Session]:
         try:
             yield session
             session.commit()
-        except OperationalError as exc:
+        except (OperationalError, InterfaceError) as exc:
             session.rollback()
             raise ServiceUnavailable(f"the database is unavailable: {exc.orig}") from exc
         except BaseException:

@@ -40,7 +40,8 @@ class CatalogEntry(BaseModel):
     size_bytes: int | None = Field(default=None, gt=0)
     sha256: str | None = None
     context_length: int = Field(gt=0)
-    n_ctx: int = Field(gt=0)
+    # Omitted: min(context_length, DEFAULT_N_CTX), filled in by _default_n_ctx below.
+    n_ctx: int = Field(default=DEFAULT_N_CTX, gt=0)
     chat_format: str | None = None
     tiny: bool = False
     split_allowed: bool = False

@@ -103,8 +103,12 @@ def read_gguf_info(path: Path) -> GgufInfo:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size:
             raise _truncated(path, end, size)
-    fields = {name: _value(field) for name, field in reader.fields.items()}
-    arch = fields.get("general.architecture")
+
+    def field(key: str) -> Any:  # decode only what we report: vocabularies can be huge
+        raw = reader.fields.get(key)
+        return None if raw is None else _value(raw)
+
+    arch = field("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise ModelFileError(
             f"{path}: the GGUF metadata has no general.architecture; "
@@ -114,20 +118,20 @@ def read_gguf_info(path: Path) -> GgufInfo:
         path=path,
         size_bytes=size,
         architecture=arch,
-        name=_str(fields.get("general.name")),
-        context_length=_int(fields.get(f"{arch}.context_length")),
-        embedding_length=_int(fields.get(f"{arch}.embedding_length")),
-        block_count=_int(fields.get(f"{arch}.block_count")),
-        head_count=_int(fields.get(f"{arch}.attention.head_count")),
-        head_count_kv=_int(fields.get(f"{arch}.attention.head_count_kv")),
-        file_type=_int(fields.get("general.file_type")),
+        name=_str(field("general.name")),
+        context_length=_int(field(f"{arch}.context_length")),
+        embedding_length=_int(field(f"{arch}.embedding_length")),
+        block_count=_int(field(f"{arch}.block_count")),
+        head_count=_int(field(f"{arch}.attention.head_count")),
+        head_count_kv=_int(field(f"{arch}.attention.head_count_kv")),
+        file_type=_int(field("general.file_type")),
         n_tensors=len(reader.tensors),
         n_params=sum(int(t.n_elements) for t in reader.tensors),
         tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
-        chat_template=_str(fields.get("tokenizer.chat_template")),
-        pooling_type=_int(fields.get(f"{arch}.pooling_type")),
-        bos_token_id=_int(fields.get("tokenizer.ggml.bos_token_id")),
-        eos_token_id=_int(fields.get("tokenizer.ggml.eos_token_id")),
+        chat_template=_str(field("tokenizer.chat_template")),
+        pooling_type=_int(field(f"{arch}.pooling_type")),
+        bos_token_id=_int(field("tokenizer.ggml.bos_token_id")),
+        eos_token_id=_int(field("tokenizer.ggml.eos_token_id")),
     )
 
 

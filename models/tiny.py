@@ -1,15 +1,16 @@
 """Tiny, deterministic GGUF models for tests and the demo: ``tiny-chat`` and ``tiny-embed``.
 
-Both are real llama.cpp models (architecture ``llama``, random weights, a few hundred KB)
+Both are real llama.cpp models (architecture ``llama``, random F32 weights, under 1 MB)
 with a SentencePiece-style tokenizer: ``<unk> <s> </s>``, the ChatML markers, all 256
 byte-fallback tokens, printable ASCII, and ``▁``-prefixed common English words with every
 prefix on the way (SPM only merges through pieces that are in the vocabulary).
 
 ``tiny-chat`` carries a ChatML ``tokenizer.chat_template``. Its weights are built so that it
-can never emit a control token (``</s>``, ``<|im_end|>``, ...) or a non-ASCII byte: embedding
-channel 0 is a constant that no layer writes to, and those tokens' output rows read that
-channel with a weight of -1000. It therefore always runs to ``max_tokens``, which is what
-the platform's long-generation and cancellation tests need. ``tiny-embed`` sets
+only ever emits whole words, ``. , ! ?`` and newlines, and never a control token (``</s>``,
+``<|im_end|>``, ...): embedding channel 0 is a constant that no layer writes to, and every
+other token's output row reads that channel with a weight of -1000. Generation therefore
+always runs to ``max_tokens`` (or a stop string), which the platform's long-generation and
+cancellation tests rely on; callers must pass ``max_tokens``. ``tiny-embed`` sets
 ``llama.pooling_type = 1`` (mean), so ``Llama(embedding=True).embed()`` gives one vector per
 text.
 

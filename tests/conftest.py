@@ -9,26 +9,26 @@ redis-server and the database is SQLite only.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
 import redis
 
 from app import db
 from app.core.config import Settings, use_settings
 from app.embedded import EmbeddedRedis
-from app.engine import Dispatch
 from app.migrate import upgrade
 from models.tiny import make_tiny
+from tests.utils.databases import (
+    BACKENDS,
+    create_pg_database,
+    drop_pg_database,
+    with_database,
+)
 from tests.utils.platform import Platform, start_platform
+from tests.utils.recording import RecordingDispatcher
 
-PG_URL = os.environ.get("CORRAL_TEST_DATABASE_URL")
-BACKENDS = ["sqlite", *(["postgresql"] if PG_URL else [])]
 # Each backend gets its own Redis database, so their queues never mix.
 REDIS_DB = {"sqlite": 13, "postgresql": 14}
 
@@ -59,30 +59,6 @@ def backend(request: pytest.FixtureRequest) -> str:
     return name
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def create_pg_database() -> str:
-    """A fresh, empty PostgreSQL database on the configured server; returns its URL."""
-    assert PG_URL is not None
-    name = f"corral_test_{secrets.token_hex(4)}"
-    admin = PG_URL.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return _with_database(admin, name)
-
-
-def drop_pg_database(url: str) -> None:
-    db.dispose_engines()
-    assert PG_URL is not None
-    admin = PG_URL.replace("postgresql+psycopg://", "postgresql://")
-    name = urlsplit(url).path.lstrip("/")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="session")
 def database_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An empty database of the current backend, migrated to head."""
@@ -107,7 +83,7 @@ def settings(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Settings]:
     """Settings for this backend, in force in the test process for the whole session."""
-    redis_url = _with_database(redis_base_url, str(REDIS_DB[backend]))
+    redis_url = with_database(redis_base_url, str(REDIS_DB[backend]))
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     client.close()
@@ -120,16 +96,6 @@ def settings(
     with use_settings(s):
         yield s
     db.dispose_engines()
-
-
-@dataclass
-class RecordingDispatcher:
-    """Keeps what the engine would send, so engine tests can inspect it."""
-
-    sent: list[Dispatch] = field(default_factory=list)
-
-    def send(self, dispatches: list[Dispatch]) -> None:  # type: ignore[override]
-        self.sent.extend(dispatches)
 
 
 @pytest.fixture
@@ -145,3 +111,14 @@ def platform(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> It
         yield plat
     finally:
         plat.stop()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """llama_cpp opens /dev/null twice at import and never closes it; close it quietly."""
+    import sys
+
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None:
+            handle.close()

@@ -45,7 +45,8 @@ def make_celery() -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A broker blip must not kill a step mid-generation; its result goes to the DB.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options={
             # Redelivery after a worker dies without acking: longer than any step may run.
             "visibility_timeout": int(settings.max_step_timeout_s + 600),

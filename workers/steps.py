@@ -9,6 +9,8 @@ import logging
 import time
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from app import engine, live
 from app.core.config import get_settings
 from app.dispatch import CeleryDispatcher
@@ -34,6 +36,14 @@ def _inject_fault(work: StepWork) -> None:
         )
 
 
+def _cancel_requested(workflow_id: str) -> bool:
+    try:
+        return live.is_cancelled(workflow_id)
+    except (RedisError, OSError) as exc:  # Redis blip: keep generating, poll again later.
+        log.warning("cannot read the cancel flag of %s: %s", workflow_id, exc)
+        return False
+
+
 def execute(work: StepWork, runtime: ModelRuntime) -> dict[str, Any]:
     """Call the model for a claimed step, within its timeout and cancellation."""
     settings = get_settings()
@@ -42,7 +52,7 @@ def execute(work: StepWork, runtime: ModelRuntime) -> dict[str, Any]:
     control = RunControl(
         deadline=time.monotonic() + timeout_s,
         timeout_s=timeout_s,
-        should_cancel=lambda: live.is_cancelled(work.workflow_id),
+        should_cancel=lambda: _cancel_requested(work.workflow_id),
         poll_s=settings.cancel_poll_s,
     )
     _inject_fault(work)

@@ -54,7 +54,10 @@ class Settings(BaseSettings):
     # Workers.
     worker_heartbeat_s: float = Field(default=10.0, gt=0)
     cancel_poll_s: float = Field(default=0.1, gt=0)
-    reconcile_s: float = Field(default=15.0, gt=0, description="beat: resend undispatched steps")
+    reconcile_s: float = Field(default=15.0, gt=0, description="beat: how often to reconcile")
+    reconcile_after_s: float = Field(
+        default=30.0, gt=0, description="a ready step not on the broker after this is resent"
+    )
     # Chaos testing: "STEP_ID:N,..." makes the first N attempts of steps with that id fail
     # inside the worker, through the real failure path. Empty (the default) disables it.
     fault_injection: str = ""

@@ -51,7 +51,10 @@ CASES: list[tuple[str, Any, list[Any], str]] = [
     ),
     (
         "template syntax",
-        {"name": "x", "steps": [step(input={"prompt": "{{ steps.a.output.text ", "max_tokens": 4})]},
+        {
+            "name": "x",
+            "steps": [step(input={"prompt": "{{ steps.a.output.text ", "max_tokens": 4})],
+        },
         ["steps", 0, "input", "prompt"],
         "invalid template",
     ),

@@ -109,9 +109,19 @@ def test_condition_skips_a_branch(platform: Platform) -> None:
             "steps": [
                 gen("score", "Rate this from 0 to 100:"),
                 # The tiny model does not answer with a number: | int gives 0.
-                gen("high", "Great!", depends_on=["score"], when="steps.score.output.text | int > 50"),
+                gen(
+                    "high",
+                    "Great!",
+                    depends_on=["score"],
+                    when="steps.score.output.text | int > 50",
+                ),
                 gen("high_followup", "More {{ steps.high.output.text }}", depends_on=["high"]),
-                gen("low", "Try again", depends_on=["score"], when="steps.score.output.text | int <= 50"),
+                gen(
+                    "low",
+                    "Try again",
+                    depends_on=["score"],
+                    when="steps.score.output.text | int <= 50",
+                ),
                 gen(
                     "report",
                     "high={{ steps.high.status }} low={{ steps.low.output.text }}",
@@ -135,7 +145,11 @@ def test_step_fails_once_then_succeeds_on_retry(platform: Platform) -> None:
         {
             "name": "retry",
             "steps": [
-                gen("flaky", "Hello", retry={"max_attempts": 3, "backoff_s": 0.2, "max_backoff_s": 1}),
+                gen(
+                    "flaky",
+                    "Hello",
+                    retry={"max_attempts": 3, "backoff_s": 0.2, "max_backoff_s": 1},
+                ),
                 gen("after", "{{ steps.flaky.output.text }}", depends_on=["flaky"]),
             ],
         }
@@ -153,7 +167,11 @@ def test_step_that_fails_for_good(platform: Platform) -> None:
         {
             "name": "doomed",
             "steps": [
-                gen("doomed", "Hello", retry={"max_attempts": 2, "backoff_s": 0.1, "max_backoff_s": 0.2}),
+                gen(
+                    "doomed",
+                    "Hello",
+                    retry={"max_attempts": 2, "backoff_s": 0.1, "max_backoff_s": 0.2},
+                ),
                 gen("after", "{{ steps.doomed.output.text }}", depends_on=["doomed"]),
                 gen("after_after", "x {{ steps.after.output.text }}", depends_on=["after"]),
             ],
@@ -203,7 +221,10 @@ def test_cancel_a_running_workflow(platform: Platform) -> None:
     assert resp.status_code == 202
     wid = resp.json()["id"]
     deadline = time.monotonic() + 30
-    while steps_by_id(platform.client.get(f"/v1/workflows/{wid}").json())["long"]["status"] != "running":
+    while (
+        steps_by_id(platform.client.get(f"/v1/workflows/{wid}").json())["long"]["status"]
+        != "running"
+    ):
         assert time.monotonic() < deadline, "the long step never started"
         time.sleep(0.02)
     cancelled = platform.client.post(f"/v1/workflows/{wid}/cancel")
@@ -247,7 +268,10 @@ def test_idempotent_resubmit(platform: Platform) -> None:
 
 
 def test_list_filters_and_pages(platform: Platform) -> None:
-    ids = [platform.submit({"name": f"page{i}", "steps": [gen("s", "Hi")]}).json()["id"] for i in range(3)]
+    ids = [
+        platform.submit({"name": f"page{i}", "steps": [gen("s", "Hi")]}).json()["id"]
+        for i in range(3)
+    ]
     for wid in ids:
         platform.wait(wid)
     seen: list[str] = []

@@ -44,7 +44,9 @@ def test_shipped_catalog_has_the_real_and_tiny_models() -> None:
         assert entry.context_length == context_length
         assert entry.n_ctx == min(context_length, 8192)
         assert entry.source_url is not None
-        assert re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/[\w.-]+", entry.source_url)
+        assert re.fullmatch(
+            r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/[\w.-]+", entry.source_url
+        )
         assert entry.source_url.endswith("/" + entry.file)
         assert entry.file.endswith(".gguf")
         assert not entry.tiny
@@ -57,8 +59,18 @@ def test_shipped_catalog_has_the_real_and_tiny_models() -> None:
 def test_shipped_tiny_entries() -> None:
     catalog = load_catalog()
     chat, embed = catalog.get("tiny-chat"), catalog.get("tiny-embed")
-    assert (chat.kind, chat.file, chat.context_length, chat.n_ctx) == ("chat", "tiny-chat.gguf", 8192, 8192)
-    assert (embed.kind, embed.file, embed.context_length, embed.n_ctx) == ("embed", "tiny-embed.gguf", 512, 512)
+    assert (chat.kind, chat.file, chat.context_length, chat.n_ctx) == (
+        "chat",
+        "tiny-chat.gguf",
+        8192,
+        8192,
+    )
+    assert (embed.kind, embed.file, embed.context_length, embed.n_ctx) == (
+        "embed",
+        "tiny-embed.gguf",
+        512,
+        512,
+    )
     for entry in (chat, embed):
         assert entry.tiny
         assert entry.source_url is None

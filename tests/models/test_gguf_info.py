@@ -48,7 +48,8 @@ def test_reads_the_header(tiny_chat: Path) -> None:
     assert info.tensor_bytes == info.n_params * 4
     assert info.tensor_bytes < info.size_bytes
     assert (info.bos_token_id, info.eos_token_id, info.pooling_type) == (1, 2, None)
-    assert info.chat_template is not None and "<|im_start|>" in info.chat_template
+    assert info.chat_template is not None
+    assert "<|im_start|>" in info.chat_template
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -115,7 +116,9 @@ def test_verify_file(tiny_chat: Path) -> None:
     verify_file(tiny_chat, None, None)
     verify_file(tiny_chat, len(data), digest.upper())
 
-    with pytest.raises(ModelFileError, match=f"size mismatch: expected {len(data) + 1} bytes, got {len(data)}"):
+    with pytest.raises(
+        ModelFileError, match=f"size mismatch: expected {len(data) + 1} bytes, got {len(data)}"
+    ):
         verify_file(tiny_chat, len(data) + 1, digest)
     wrong = "0" * 64
     with pytest.raises(ModelFileError, match=f"sha256 mismatch: expected {wrong}, got {digest}"):

@@ -94,8 +94,10 @@ def test_headers_match_the_catalog(models_dir: Path) -> None:
         assert (info.bos_token_id, info.eos_token_id) == (1, 2)
     chat = read_gguf_info(models_dir / "tiny-chat.gguf")
     embed = read_gguf_info(models_dir / "tiny-embed.gguf")
-    assert chat.chat_template is not None and chat.pooling_type is None
-    assert embed.chat_template is None and embed.pooling_type == 1  # mean
+    assert chat.chat_template is not None
+    assert chat.pooling_type is None
+    assert embed.chat_template is None
+    assert embed.pooling_type == 1  # mean
 
 
 def test_chat_loads_fast_with_its_template(chat: Any) -> None:
@@ -124,7 +126,8 @@ def test_greedy_generation_is_deterministic(chat: Any) -> None:
     assert text == second["choices"][0]["text"]
     assert first["usage"]["completion_tokens"] == 40
     assert first["choices"][0]["finish_reason"] == "length"
-    assert text.isascii() and len(text.split()) > 5
+    assert text.isascii()
+    assert len(text.split()) > 5
 
 
 def test_seeded_sampling_is_deterministic(chat: Any) -> None:
@@ -159,6 +162,9 @@ def test_generation_runs_for_thousands_of_tokens(chat: Any) -> None:
             break
     assert len(tokens) == 3000
     assert not any(llama_cpp.llama_vocab_is_eog(chat._model.vocab, t) for t in tokens)
+    vocab = set(tiny_vocab()[0])
+    words = chat.detokenize(tokens).decode("ascii").split()
+    assert all("▁" + w.strip(".,!?") in vocab for w in words if w.strip(".,!?"))
 
 
 def test_embed_gives_one_vector_per_text(embedder: Any) -> None:

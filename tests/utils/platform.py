@@ -43,7 +43,9 @@ class Platform:
             if run["status"] != "running":
                 return run
             if time.monotonic() > deadline:
-                raise AssertionError(f"workflow still running after {timeout_s}s: {run}\n{self.logs()}")
+                raise AssertionError(
+                    f"workflow still running after {timeout_s}s: {run}\n{self.logs()}"
+                )
             time.sleep(0.05)
 
     def run(self, spec: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
@@ -81,13 +83,21 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         )
 
 
-def start_platform(settings: Settings, log_dir: Path, workers: dict[str, int] | None = None) -> Platform:
+def start_platform(
+    settings: Settings,
+    log_dir: Path,
+    workers: dict[str, int] | None = None,
+    *,
+    beat: bool = False,
+    extra_env: dict[str, str] | None = None,
+) -> Platform:
     """Start `corral api` and `corral worker` processes for ``settings``; wait until ready."""
     workers = workers or {"tiny-chat": 2, "tiny-embed": 1}
     env = settings_env(settings)
     env["CORRAL_FAULT_INJECTION"] = FAULTS
     env["CORRAL_WORKER_HEARTBEAT_S"] = "1"
     env.pop("CORRAL_API_KEY", None)
+    env.update(extra_env or {})
     port = free_port()
     procs = {"api": spawn(["api", "--port", str(port)], env, log_dir / "api.log")}
     for model, concurrency in workers.items():
@@ -96,6 +106,8 @@ def start_platform(settings: Settings, log_dir: Path, workers: dict[str, int] | 
             env,
             log_dir / f"worker-{model}.log",
         )
+    if beat:
+        procs["beat"] = spawn(["beat"], env, log_dir / "beat.log")
     with db.session_scope(write=True) as session:
         _row, key = keys.create_key(session, f"test-{os.getpid()}")
     url = f"http://127.0.0.1:{port}"

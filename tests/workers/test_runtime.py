@@ -1,0 +1,111 @@
+"""The llama.cpp runtime on the tiny models: outputs, determinism, limits, stopping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.errors import ModelFileError, StepCancelled, StepInputError, StepTimeout
+from app.spec import ChatInput, EmbedInput, GenerateInput
+from models.catalog import load_catalog
+from workers.runtime import LlamaCppRuntime, RunControl
+
+CATALOG = load_catalog()
+
+
+@pytest.fixture(scope="module")
+def chat(models_dir: Path) -> Iterator[LlamaCppRuntime]:
+    rt = LlamaCppRuntime(CATALOG.get("tiny-chat"), models_dir / "tiny-chat.gguf")
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def embedder(models_dir: Path) -> Iterator[LlamaCppRuntime]:
+    rt = LlamaCppRuntime(CATALOG.get("tiny-embed"), models_dir / "tiny-embed.gguf")
+    yield rt
+    rt.close()
+
+
+def params(**kw: object) -> dict[str, object]:
+    return GenerateInput.model_validate({"prompt": "Once upon a time", **kw}).model_dump()
+
+
+def test_generate_is_deterministic_and_reports_usage(chat: LlamaCppRuntime) -> None:
+    first = chat.generate(params(max_tokens=12, temperature=0.7, seed=42), RunControl())
+    again = chat.generate(params(max_tokens=12, temperature=0.7, seed=42), RunControl())
+    assert first["text"] == again["text"]
+    assert first["text"].strip()
+    assert first["completion_tokens"] == 12
+    assert first["finish_reason"] == "length"
+    assert first["prompt_tokens"] == len(chat.llm.tokenize(b"Once upon a time"))
+    t = first["timings"]
+    assert t["total_ms"] >= t["prompt_ms"] >= 0
+    assert t["tokens_per_s"] > 0
+
+
+def test_chat_uses_the_template(chat: LlamaCppRuntime) -> None:
+    inp = ChatInput.model_validate(
+        {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0}
+    ).model_dump()
+    out = chat.chat(inp, RunControl())
+    assert out["message"] == {"role": "assistant", "content": out["text"]}
+    # The template wraps the message: the prompt is longer than the bare content.
+    assert out["prompt_tokens"] > chat.count_tokens("Hello") + 2
+
+
+def test_ignore_eos_runs_to_max_tokens(chat: LlamaCppRuntime) -> None:
+    out = chat.generate(
+        params(max_tokens=600, temperature=1.0, seed=3, ignore_eos=True), RunControl()
+    )
+    assert out["completion_tokens"] == 600
+    assert out["finish_reason"] == "length"
+
+
+def test_timeout_stops_the_model(chat: LlamaCppRuntime) -> None:
+    control = RunControl(deadline=time.monotonic() + 0.05, timeout_s=0.05)
+    started = time.monotonic()
+    with pytest.raises(StepTimeout, match="timeout_s of 0.05"):
+        chat.generate(params(max_tokens=7000, ignore_eos=True), control)
+    assert control.tokens < 7000
+    assert time.monotonic() - started < 5
+
+
+def test_cancel_stops_the_model(chat: LlamaCppRuntime) -> None:
+    calls = {"n": 0}
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    control = RunControl(should_cancel=cancelled, poll_s=0.0)
+    with pytest.raises(StepCancelled, match="stopped the model after"):
+        chat.generate(params(max_tokens=7000, ignore_eos=True), control)
+    assert control.tokens <= 5
+
+
+def test_prompt_over_context_is_an_input_error(chat: LlamaCppRuntime) -> None:
+    with pytest.raises(StepInputError, match="8192-token context"):
+        chat.generate(params(prompt="hello world " * 5000, max_tokens=10), RunControl())
+
+
+def test_embed_vectors(embedder: LlamaCppRuntime) -> None:
+    inp = EmbedInput.model_validate({"texts": ["red apple", "blue sky", "red apple"]}).model_dump()
+    out = embedder.embed(inp, RunControl())
+    a, b, c = out["vectors"]
+    assert out["dim"] == len(a) > 0
+    assert a == c
+    assert a != b
+    assert abs(sum(x * x for x in a) - 1.0) < 1e-3  # normalized
+    with pytest.raises(StepInputError, match="embeds at most 512 tokens"):
+        embedder.embed({"texts": ["word " * 2000], "normalize": True}, RunControl())
+
+
+def test_corrupt_file_is_a_model_file_error(tmp_path: Path) -> None:
+    bad = tmp_path / "tiny-chat.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelFileError, match="llama.cpp could not load"):
+        LlamaCppRuntime(CATALOG.get("tiny-chat"), bad)
