@@ -448,8 +448,8 @@ def _check_references(spec: WorkflowSpec, ids: dict[str, int]) -> list[FieldErro
                     errors.append(
                         FieldError(
                             where,
-                            f"steps.{ref.step_id}.output.{ref.key}: a {kinds[ref.step_id]} "
-                            f"step's output has " + ", ".join(sorted(allowed)),
+                            f"steps.{ref.step_id}.output.{ref.key}: the output of a "
+                            f"{kinds[ref.step_id]!r} step has " + ", ".join(sorted(allowed)),
                             "unknown_field",
                         )
                     )

@@ -68,7 +68,7 @@ def test_ignore_eos_runs_to_max_tokens(chat: LlamaCppRuntime) -> None:
 def test_timeout_stops_the_model(chat: LlamaCppRuntime) -> None:
     control = RunControl(deadline=time.monotonic() + 0.05, timeout_s=0.05)
     started = time.monotonic()
-    with pytest.raises(StepTimeout, match="timeout_s of 0.05"):
+    with pytest.raises(StepTimeout, match=r"timeout_s of 0\.05"):
         chat.generate(params(max_tokens=7000, ignore_eos=True), control)
     assert control.tokens < 7000
     assert time.monotonic() - started < 5
@@ -107,5 +107,5 @@ def test_embed_vectors(embedder: LlamaCppRuntime) -> None:
 def test_corrupt_file_is_a_model_file_error(tmp_path: Path) -> None:
     bad = tmp_path / "tiny-chat.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
-    with pytest.raises(ModelFileError, match="llama.cpp could not load"):
+    with pytest.raises(ModelFileError, match=r"llama\.cpp could not load"):
         LlamaCppRuntime(CATALOG.get("tiny-chat"), bad)

@@ -1,0 +1,178 @@
+"""Workflow spec validation: every problem found at once, each naming its field and limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app.core.config import Settings
+from app.errors import SpecError
+from app.spec import validate_workflow
+from models.catalog import CatalogEntry, load_catalog
+
+CATALOG = load_catalog()
+
+
+def gen(step_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": step_id,
+        "kind": "generate",
+        "model": "tiny-chat",
+        "input": {"prompt": "hi", "max_tokens": 4},
+        **extra,
+    }
+
+
+def errors(
+    spec: Any, settings: Settings | None = None, counter: Any = None
+) -> list[dict[str, Any]]:
+    with pytest.raises(SpecError) as info:
+        validate_workflow(spec, CATALOG, settings or Settings(), counter)
+    return [e.as_dict() for e in info.value.errors]
+
+
+def test_valid_spec_orders_steps_topologically() -> None:
+    v = validate_workflow(
+        {"name": "w", "steps": [gen("c", depends_on=["b"]), gen("b", depends_on=["a"]), gen("a")]},
+        CATALOG,
+        Settings(),
+    )
+    assert v.order == ["a", "b", "c"]
+    assert v.dump()["steps"][0]["retry"] == {
+        "max_attempts": 1,
+        "backoff_s": 1.0,
+        "max_backoff_s": 60.0,
+    }
+
+
+def test_all_problems_reported_together() -> None:
+    errs = errors(
+        {"name": "w", "steps": [gen("a", model="nope"), gen("a"), gen("b", depends_on=["zz"])]}
+    )
+    locs = {tuple(e["loc"]) for e in errs}
+    assert ("steps", 0, "model") in locs
+    assert ("steps", 1, "id") in locs
+    assert ("steps", 2, "depends_on", 0) in locs
+
+
+def test_cycle_is_named() -> None:
+    errs = errors(
+        {
+            "name": "w",
+            "steps": [
+                gen("a", depends_on=["c"]),
+                gen("b", depends_on=["a"]),
+                gen("c", depends_on=["b"]),
+            ],
+        }
+    )
+    (cycle,) = [e for e in errs if e["type"] == "cycle"]
+    assert "a → c → b → a" in cycle["msg"] or "→" in cycle["msg"]
+
+
+def test_self_dependency() -> None:
+    errs = errors({"name": "w", "steps": [gen("a", depends_on=["a"])]})
+    assert errs[0]["loc"] == ["steps", 0, "depends_on", 0]
+    assert "itself" in errs[0]["msg"]
+
+
+def test_step_limits_name_the_setting() -> None:
+    small = Settings(max_steps=2, max_attempts=3, max_prompt_chars=10)
+    errs = errors(
+        {
+            "name": "w",
+            "steps": [
+                gen("a", retry={"max_attempts": 4}),
+                gen("b"),
+                gen("c", input={"prompt": "x" * 11}),
+            ],
+        },
+        small,
+    )
+    msgs = " ".join(e["msg"] for e in errs)
+    assert "CORRAL_MAX_STEPS" in msgs and "at most 2 steps" in msgs
+    assert "CORRAL_MAX_ATTEMPTS" in msgs
+    assert "CORRAL_MAX_PROMPT_CHARS" in msgs and "11 characters" in msgs
+
+
+def test_retry_backoff_order() -> None:
+    errs = errors({"name": "w", "steps": [gen("a", retry={"backoff_s": 5, "max_backoff_s": 1})]})
+    assert errs[0]["loc"] == ["steps", 0, "retry"]
+    assert "max_backoff_s (1.0) must be ≥ backoff_s (5.0)" in errs[0]["msg"]
+
+
+def test_references_must_be_dependencies_and_known_fields() -> None:
+    errs = errors(
+        {
+            "name": "w",
+            "steps": [
+                gen("a"),
+                gen("e", kind="embed", model="tiny-embed", input={"texts": ["x"]}),
+                gen("b", depends_on=["a"], input={"prompt": "{{ steps.a.output.txt }}"}),
+                gen("c", depends_on=["a"], when="steps.a.bogus"),
+                gen("d", depends_on=["e"], input={"prompt": "{{ steps.e.output.text }}"}),
+                gen("f", input={"prompt": "{{ steps.a.output.text }}"}),
+            ],
+        }
+    )
+    by_loc = {tuple(e["loc"]): e["msg"] for e in errs}
+    assert "output.txt" in by_loc[("steps", 2, "input", "prompt")]
+    assert "unknown field" in by_loc[("steps", 3, "when")]
+    assert "the output of a 'embed' step has" in by_loc[("steps", 4, "input", "prompt")]
+    assert "add it to depends_on" in by_loc[("steps", 5, "input", "prompt")]
+
+
+def test_transitive_dependency_may_be_referenced() -> None:
+    validate_workflow(
+        {
+            "name": "w",
+            "steps": [
+                gen("a"),
+                gen("b", depends_on=["a"]),
+                gen("c", depends_on=["b"], input={"prompt": "{{ steps.a.output.text }}"}),
+            ],
+        },
+        CATALOG,
+        Settings(),
+    )
+
+
+def test_token_counter_refuses_only_what_cannot_fit() -> None:
+    def count(entry: CatalogEntry, text: str) -> int:
+        return len(text.split())
+
+    n_ctx = CATALOG.get("tiny-chat").n_ctx
+    fits = {"prompt": "w " * (n_ctx - 10), "max_tokens": 10}
+    validate_workflow({"name": "w", "steps": [gen("a", input=fits)]}, CATALOG, Settings(), count)
+    over = {"prompt": "w " * (n_ctx - 9), "max_tokens": 10}
+    errs = errors({"name": "w", "steps": [gen("a", input=over)]}, counter=count)
+    assert f"together {n_ctx + 1}" in errs[0]["msg"]
+    # A templated prompt cannot be counted at submit; the worker checks it exactly.
+    templated = {"prompt": "{{ steps.z.output.text }}" + " w" * n_ctx, "max_tokens": 10}
+    validate_workflow(
+        {"name": "w", "steps": [gen("z"), gen("a", depends_on=["z"], input=templated)]},
+        CATALOG,
+        Settings(),
+        count,
+    )
+
+
+def test_sandbox_refuses_unsafe_templates() -> None:
+    from jinja2.exceptions import SecurityError
+
+    from app.templating import render
+
+    # Unsafe attributes read as undefined (nothing leaks) or raise when used.
+    assert render("{{ steps.__class__.__mro__ }}", {"steps": {}}) == ""
+    with pytest.raises(SecurityError):
+        render("{{ ''.__class__.__subclasses__() }}", {})
+
+
+def test_conditions_evaluate_in_the_sandbox() -> None:
+    from app.templating import evaluate
+
+    ctx = {"steps": {"score": {"output": {"text": "73"}, "status": "succeeded"}}}
+    assert evaluate("steps.score.output.text | int > 50", ctx)
+    assert not evaluate("steps.score.output.text | int > 80", ctx)
+    assert not evaluate("steps.missing.output.text", ctx)
