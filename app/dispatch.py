@@ -9,7 +9,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
-from app import engine
+from app import engine, live
 from app.engine import Dispatch
 
 log = logging.getLogger(__name__)
@@ -44,4 +44,17 @@ class CeleryDispatcher:
             )
         finally:
             if sent:
-                engine.mark_dispatched(sent)
+                engine.mark_dispatched(sent, self._without_pool(dispatches, sent))
+
+    @staticmethod
+    def _without_pool(dispatches: Sequence[Dispatch], sent: list[str]) -> list[str]:
+        """Sent steps whose model has no live worker right now."""
+        try:
+            live_models = {w.get("model") for w in live.live_workers()}
+        except (RedisError, OSError):
+            return []
+        return [
+            d.step_run_id
+            for d in dispatches
+            if d.step_run_id in sent and d.model not in live_models
+        ]

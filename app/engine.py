@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from jinja2 import TemplateError
 from sqlmodel import Session, select
 
-from app import db
+from app import db, notify
 from app.errors import ConflictError, NotFoundError
 from app.spec import ValidatedWorkflow
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus, utcnow
@@ -28,7 +28,7 @@ from app.templating import evaluate, render_value
 
 log = logging.getLogger(__name__)
 
-_SENDABLE = (StepStatus.queued, StepStatus.retrying)
+_SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,12 @@ def _locked(workflow_id: str, dispatcher: Dispatcher | None) -> Iterator[_Tx]:
         if workflow is None:
             raise NotFoundError(f"no workflow {workflow_id!r}")
         tx = _Tx(session, workflow)
+        was_terminal = workflow.status.terminal
         yield tx
     if tx.dispatches and dispatcher is not None:
         dispatcher.send(tx.dispatches)
+    if tx.workflow.status.terminal and not was_terminal:
+        notify.publish_finished(workflow_id)  # wakes long-polling readers (after the commit)
 
 
 def create_workflow(
@@ -214,7 +217,7 @@ def _finish_workflow(tx: _Tx, steps: dict[str, StepRun]) -> None:
         run.error = f"step {failed[0].step_id!r} failed: {failed[0].error}"
         # Nothing new starts; steps already running finish and record their result.
         for s in steps.values():
-            if s.status in (StepStatus.pending, StepStatus.queued, StepStatus.retrying):
+            if s.status is StepStatus.pending or s.status in _SENDABLE:
                 s.status, s.finished_at, s.updated_at = StepStatus.cancelled, now, now
                 s.error = f"cancelled: workflow failed at step {failed[0].step_id!r}"
         tx.dispatches.clear()
@@ -341,12 +344,18 @@ def note_cancelled(step_run_id: str, attempt: int, detail: str) -> None:
             step.error = detail
 
 
-def mark_dispatched(step_run_ids: Sequence[str]) -> None:
-    """Record that these steps' tasks reached the broker (the reconciler resends the rest)."""
+def mark_dispatched(step_run_ids: Sequence[str], no_pool: Sequence[str] = ()) -> None:
+    """Record that these steps' tasks reached the broker (the reconciler resends the rest).
+
+    Those in ``no_pool`` wait on a queue no worker consumes yet: ``waiting_for_pool``
+    until a pool for their model claims them.
+    """
     with db.session_scope(write=True) as session:
         now = utcnow()
         for row in session.exec(select(StepRun).where(StepRun.id.in_(step_run_ids))):  # type: ignore[attr-defined]
             row.dispatched_at = now
+            if row.id in no_pool and row.status is StepStatus.queued:
+                row.status = StepStatus.waiting_for_pool
 
 
 def _workflow_of(step_run_id: str) -> str:

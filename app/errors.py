@@ -10,6 +10,7 @@ one boundary each, with ``raise ... from exc``; ``app.api.errors`` maps them to 
     ├── NotFoundError            no such workflow / model / key          (404)
     ├── ConflictError            the request clashes with stored state   (409)
     ├── ServiceUnavailable       Redis or the database cannot be reached (503)
+    ├── PlacementError           no GPU can hold the model (now, or ever: ``permanent``)
     ├── ModelError               catalog and model-file problems
     │   ├── UnknownModelError    a name not in the catalog
     │   ├── ModelFileError       a GGUF file missing, truncated or corrupt
@@ -78,6 +79,15 @@ class ConflictError(CorralError):
 
 class ServiceUnavailable(CorralError):
     """A backing service (Redis, the database) cannot be reached right now."""
+
+
+class PlacementError(CorralError):
+    """The scheduler cannot place a model's pool: no room now, or too big for this host."""
+
+    def __init__(self, message: str, *, permanent: bool, need_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.need_bytes = need_bytes
 
 
 class ModelError(CorralError):

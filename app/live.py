@@ -67,3 +67,13 @@ def live_workers() -> list[dict[str, Any]]:
     if not keys:
         return []
     return [json.loads(v) for v in client.mget(keys) if v is not None]
+
+
+def pool_contexts() -> dict[str, int]:
+    """For each model with a live pool, the largest context any of its workers serves."""
+    out: dict[str, int] = {}
+    for w in live_workers():
+        model, n_ctx = w.get("model"), w.get("n_ctx")
+        if isinstance(model, str) and isinstance(n_ctx, int):
+            out[model] = max(out.get(model, 0), n_ctx)
+    return out

@@ -23,7 +23,7 @@ entries name the field and the limit; nothing is written or enqueued before it p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -165,9 +165,17 @@ def _pydantic_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -
 
 
 def validate_workflow(
-    raw: Any, catalog: Catalog, settings: Settings, count_tokens: TokenCounter | None = None
+    raw: Any,
+    catalog: Catalog,
+    settings: Settings,
+    count_tokens: TokenCounter | None = None,
+    pool_ctx: Mapping[str, int] | None = None,
 ) -> ValidatedWorkflow:
-    """Check a raw spec completely; raise one ``SpecError`` listing every problem."""
+    """Check a raw spec completely; raise one ``SpecError`` listing every problem.
+
+    ``pool_ctx`` maps a model to the largest context its live pools serve: a step that
+    needs more than that is refused (with no live pool, the catalog's ``n_ctx`` applies).
+    """
     if not isinstance(raw, dict):
         raise SpecError.single((), f"a workflow must be an object, got {type(raw).__name__}")
     try:
@@ -198,7 +206,7 @@ def validate_workflow(
         else:
             ids[step.id] = i
     for i, step in enumerate(spec.steps):
-        errors.extend(_check_step(i, step, ids, catalog, settings, count_tokens))
+        errors.extend(_check_step(i, step, ids, catalog, settings, count_tokens, pool_ctx or {}))
     order, cycle = _toposort(spec, ids)
     if cycle:
         errors.append(FieldError(("steps",), "steps form a cycle: " + " → ".join(cycle), "cycle"))
@@ -216,6 +224,7 @@ def _check_step(
     catalog: Catalog,
     settings: Settings,
     count_tokens: TokenCounter | None,
+    pool_ctx: Mapping[str, int],
 ) -> list[FieldError]:
     errors: list[FieldError] = []
     loc: tuple[str | int, ...] = ("steps", i)
@@ -277,7 +286,8 @@ def _check_step(
             errors.append(
                 FieldError((*loc, "when"), f"invalid condition: {exc}", "condition_syntax")
             )
-    errors.extend(_check_input(loc, step, entry, settings, count_tokens))
+    n_ctx = pool_ctx.get(step.model, entry.n_ctx) if entry is not None else 0
+    errors.extend(_check_input(loc, step, entry, n_ctx, settings, count_tokens))
     return errors
 
 
@@ -285,6 +295,7 @@ def _check_input(
     loc: tuple[str | int, ...],
     step: StepSpec,
     entry: CatalogEntry | None,
+    n_ctx: int,
     settings: Settings,
     count_tokens: TokenCounter | None,
 ) -> list[FieldError]:
@@ -315,16 +326,15 @@ def _check_input(
             )
         )
     elif entry is not None and isinstance(parsed, SamplingParams):
-        errors.extend(_check_context(loc, parsed, entry, static_text, count_tokens))
+        errors.extend(_check_context(loc, parsed, entry, n_ctx, static_text, count_tokens))
     elif entry is not None and isinstance(parsed, EmbedInput) and count_tokens is not None:
         for j, text in enumerate(parsed.texts):
             n = count_tokens(entry, text) if not has_template(text) else None
-            if n is not None and n > entry.n_ctx:
+            if n is not None and n > n_ctx:
                 errors.append(
                     FieldError(
                         (*loc, "input", "texts", j),
-                        f"text is {n} tokens; model {entry.name!r} embeds at most "
-                        f"{entry.n_ctx} tokens",
+                        f"text is {n} tokens; model {entry.name!r} embeds at most {n_ctx} tokens",
                         "prompt_too_long",
                     )
                 )
@@ -335,15 +345,16 @@ def _check_context(
     loc: tuple[str | int, ...],
     params: SamplingParams,
     entry: CatalogEntry,
+    n_ctx: int,
     static_text: list[str],
     count_tokens: TokenCounter | None,
 ) -> list[FieldError]:
-    if params.max_tokens >= entry.n_ctx:
+    if params.max_tokens >= n_ctx:
         return [
             FieldError(
                 (*loc, "input", "max_tokens"),
                 f"max_tokens must be < the context of model {entry.name!r} "
-                f"({entry.n_ctx} tokens), got {params.max_tokens}",
+                f"({n_ctx} tokens{_served(entry, n_ctx)}), got {params.max_tokens}",
                 "limit",
             )
         ]
@@ -355,17 +366,21 @@ def _check_context(
     if any(c is None for c in counts):
         return []
     prompt_tokens = sum(c for c in counts if c is not None)
-    if prompt_tokens + params.max_tokens > entry.n_ctx:
+    if prompt_tokens + params.max_tokens > n_ctx:
         return [
             FieldError(
                 (*loc, "input"),
                 f"prompt is at least {prompt_tokens} tokens and max_tokens is "
                 f"{params.max_tokens}: together {prompt_tokens + params.max_tokens}, over the "
-                f"{entry.n_ctx}-token context of model {entry.name!r}",
+                f"{n_ctx}-token context of model {entry.name!r}{_served(entry, n_ctx)}",
                 "prompt_too_long",
             )
         ]
     return []
+
+
+def _served(entry: CatalogEntry, n_ctx: int) -> str:
+    return "" if n_ctx == entry.n_ctx else " (the most any of its live pools serves)"
 
 
 def _toposort(spec: WorkflowSpec, ids: dict[str, int]) -> tuple[list[str], list[str]]:

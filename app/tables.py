@@ -86,13 +86,15 @@ class StepStatus(StrEnum):
     ::
 
         pending ──(engine: dependencies done, condition true)──────> queued
+        queued  ──(dispatcher: no live pool for the model)──────────> waiting_for_pool
+        waiting_for_pool ──(worker of a new pool: claims the task)──> running
         pending ──(engine: condition false / dependencies skipped)──> skipped
         queued  ──(worker: claims the task)─────────────────────────> running
         running ──(worker: output stored)───────────────────────────> succeeded
         running ──(worker: error, attempts left)────────────────────> retrying
         retrying ─(worker: claims the delayed task)─────────────────> running
         running ──(worker: error, no attempts left or not retryable)> failed
-        pending|queued|retrying|running
+        pending|queued|waiting_for_pool|retrying|running
                 ──(engine: the workflow failed; API: cancel)────────> cancelled
 
     ``succeeded``, ``failed``, ``skipped`` and ``cancelled`` are terminal. A worker's
@@ -102,6 +104,7 @@ class StepStatus(StrEnum):
 
     pending = "pending"
     queued = "queued"
+    waiting_for_pool = "waiting_for_pool"
     running = "running"
     retrying = "retrying"
     succeeded = "succeeded"

@@ -46,6 +46,12 @@ class CatalogEntry(BaseModel):
     tiny: bool = False
     split_allowed: bool = False
     parallel: int = Field(default=1, ge=1)
+    # Scheduling: a higher priority may evict idle lower-priority pools; ``reserve_gpus``
+    # ("INDEX" on every host, or "HOST:INDEX") keeps memory for this model even when no
+    # worker holds it, ``reserve_bytes`` of it (default: the estimate at n_ctx).
+    priority: int = Field(default=0, ge=0, le=100)
+    reserve_gpus: tuple[str, ...] = ()
+    reserve_bytes: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="before")
     @classmethod

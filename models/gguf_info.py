@@ -20,7 +20,7 @@ from gguf import GGUFReader
 
 from app.errors import ModelFileError
 
-__all__ = ["GgufInfo", "read_gguf_info", "sha256_file", "verify_file"]
+__all__ = ["GgufInfo", "gguf_field", "open_gguf", "read_gguf_info", "sha256_file", "verify_file"]
 
 GGUF_MAGIC = b"GGUF"
 HASH_CHUNK_BYTES = 1 << 20
@@ -78,17 +78,8 @@ class _BoundedReader(GGUFReader):
         return super()._get(offset, dtype, count, override_order)
 
 
-def read_gguf_info(path: Path) -> GgufInfo:
-    """Read the header of the GGUF file at ``path``.
-
-    Raises :class:`~app.errors.ModelFileError` when the file is missing, is not GGUF, is
-    truncated (tensor data past the end of the file) or has unreadable metadata.
-
-    Example::
-
-        info = read_gguf_info(Path(".corral/models/tiny-chat.gguf"))
-        info.architecture, info.context_length   # ('llama', 8192)
-    """
+def open_gguf(path: Path) -> GGUFReader:
+    """Memory-map a GGUF file and check it, raising ModelFileError with what to do."""
     size = _check_file(path)
     try:
         reader = _BoundedReader(path)
@@ -103,10 +94,31 @@ def read_gguf_info(path: Path) -> GgufInfo:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size:
             raise _truncated(path, end, size)
+    return reader
+
+
+def gguf_field(reader: GGUFReader, key: str) -> Any:
+    """One decoded metadata value, or None (decodes only that field)."""
+    raw = reader.fields.get(key)
+    return None if raw is None else _value(raw)
+
+
+def read_gguf_info(path: Path) -> GgufInfo:
+    """Read the header of the GGUF file at ``path``.
+
+    Raises :class:`~app.errors.ModelFileError` when the file is missing, is not GGUF, is
+    truncated (tensor data past the end of the file) or has unreadable metadata.
+
+    Example::
+
+        info = read_gguf_info(Path(".corral/models/tiny-chat.gguf"))
+        info.architecture, info.context_length   # ('llama', 8192)
+    """
+    reader = open_gguf(path)
+    size = int(reader.data.nbytes)
 
     def field(key: str) -> Any:  # decode only what we report: vocabularies can be huge
-        raw = reader.fields.get(key)
-        return None if raw is None else _value(raw)
+        return gguf_field(reader, key)
 
     arch = field("general.architecture")
     if not isinstance(arch, str) or not arch:

@@ -7,6 +7,7 @@ never at import) and announces itself in Redis while it lives.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -58,9 +59,28 @@ def load_runtime(name: str) -> ModelRuntime:
     settings = get_settings()
     catalog = load_catalog(settings.catalog_path)
     entry = catalog.get(name)
+    ctx = os.environ.get("CORRAL_WORKER_CTX")
     return LlamaCppRuntime(
-        entry, catalog.path_for(entry, settings.models_path), placement_from_env()
+        entry,
+        catalog.path_for(entry, settings.models_path),
+        placement_from_env(),
+        n_ctx=int(ctx) if ctx else None,
     )
+
+
+def _mark_loaded() -> None:
+    """Tell the ledger the reserved memory is now in use (the driver's figure counts it)."""
+    raw = os.environ.get("CORRAL_RESERVATIONS")
+    if not raw:
+        return
+    from app.scheduler.ledger import Reservation
+    from app.scheduler.service import make_ledger
+
+    held = [
+        Reservation(id=r["id"], host=r["host"], gpu=r["gpu"], model="", holder="", bytes=0)
+        for r in json.loads(raw)
+    ]
+    make_ledger(get_settings(), live.get_redis()).mark_loaded(held)
 
 
 def get_runtime() -> ModelRuntime:
@@ -105,6 +125,10 @@ def _on_process_init(**_: Any) -> None:
         log.error("%s", _State.error)
         return
     _State.runtime = runtime
+    try:
+        _mark_loaded()
+    except Exception as exc:
+        log.warning("could not mark the reservation loaded: %s", exc)
     _State.worker_id = f"{name}@{socket.gethostname()}:{os.getpid()}"
     _State.info = {
         "worker": _State.worker_id,
@@ -115,6 +139,10 @@ def _on_process_init(**_: Any) -> None:
         "load_ms": round(getattr(runtime, "load_ms", 0.0), 1),
         "started_at": time.time(),
         "busy": False,
+        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if os.environ.get("CORRAL_RESERVATIONS")
+        else "",
+        "reservations": json.loads(os.environ.get("CORRAL_RESERVATIONS", "[]")),
         "steps_done": 0,
     }
     threading.Thread(target=_heartbeat, name="corral-heartbeat", daemon=True).start()

@@ -66,6 +66,8 @@ class ModelRuntime(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def count_chat_tokens(self, messages: list[dict[str, Any]]) -> int: ...
+
     def generate(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]: ...
 
     def chat(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]: ...
@@ -88,21 +90,27 @@ class Placement:
 class LlamaCppRuntime:
     """A GGUF model loaded once through llama-cpp-python."""
 
-    def __init__(self, entry: CatalogEntry, path: Path, placement: Placement | None = None) -> None:
+    def __init__(
+        self,
+        entry: CatalogEntry,
+        path: Path,
+        placement: Placement | None = None,
+        n_ctx: int | None = None,
+    ) -> None:
         from llama_cpp import Llama
 
         placement = placement or Placement()
         self.name = entry.name
         self.kind = entry.kind
-        self.n_ctx = entry.n_ctx
+        self.n_ctx = n_ctx or entry.n_ctx
         started = time.perf_counter()
         embed = entry.kind == "embed"
         try:
             self.llm = Llama(
                 model_path=str(path),
-                n_ctx=entry.n_ctx,
-                n_batch=entry.n_ctx if embed else min(512, entry.n_ctx),
-                n_ubatch=entry.n_ctx if embed else min(512, entry.n_ctx),
+                n_ctx=self.n_ctx,
+                n_batch=self.n_ctx if embed else min(512, self.n_ctx),
+                n_ubatch=self.n_ctx if embed else min(512, self.n_ctx),
                 embedding=embed,
                 n_gpu_layers=placement.n_gpu_layers,
                 main_gpu=placement.main_gpu,
@@ -117,10 +125,29 @@ class LlamaCppRuntime:
             ) from exc
         self.load_ms = (time.perf_counter() - started) * 1000
         self.eos = int(self.llm.token_eos())
+        self._formatter: Any = None
         log.info("loaded %s from %s in %.0f ms", entry.name, path, self.load_ms)
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def count_chat_tokens(self, messages: list[dict[str, Any]]) -> int:
+        """The tokens of the prompt ``chat`` sends for ``messages``, through the chat template."""
+        if self._formatter is None:
+            template = self.llm.metadata.get("tokenizer.chat_template")
+            if not template:  # llama.cpp's fallback format: an estimate that errs high
+                return sum(self.count_tokens(str(m.get("content", ""))) + 8 for m in messages) + 8
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            def text(token: int) -> str:
+                return self.llm.detokenize([token], special=True).decode("utf-8", "ignore")
+
+            self._formatter = Jinja2ChatFormatter(
+                template, text(self.eos), text(int(self.llm.token_bos())), stop_token_ids=[self.eos]
+            )
+        result = self._formatter(messages=messages)
+        prompt = result.prompt.encode("utf-8")
+        return len(self.llm.tokenize(prompt, add_bos=not result.added_special, special=True))
 
     def _processor(self, control: RunControl) -> Callable[[Any, Any], Any]:
         eos = self.eos
@@ -194,11 +221,17 @@ class LlamaCppRuntime:
         from llama_cpp import LogitsProcessorList
 
         control.ignore_eos = bool(inp.get("ignore_eos"))
+        grammar = None
+        if inp.get("grammar"):  # GBNF that constrains the reply (memory tool calls)
+            from llama_cpp import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(inp["grammar"], verbose=False)
         started = time.perf_counter()
         try:
             resp = self.llm.create_chat_completion(
                 messages=inp["messages"],
                 logits_processor=LogitsProcessorList([self._processor(control)]),
+                grammar=grammar,
                 **self._sampling(inp),
             )
         except ValueError as exc:

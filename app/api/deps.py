@@ -12,6 +12,7 @@ from app import db, keys
 from app.core.config import Settings, get_settings
 from app.engine import Dispatcher
 from app.errors import AuthError
+from app.notify import FinishedListener
 from app.tables import ApiKey
 from models.catalog import Catalog, load_catalog
 
@@ -40,8 +41,14 @@ def _dispatcher(request: Request) -> Dispatcher:
     return dispatcher
 
 
+def _finished(request: Request) -> FinishedListener:
+    listener: FinishedListener = request.app.state.finished
+    return listener
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 ApiKeyDep = Annotated[ApiKey, Depends(_api_key)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
+FinishedDep = Annotated[FinishedListener, Depends(_finished)]

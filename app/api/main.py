@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from app.api import errors
-from app.api.routes import health, models, workflows
+from app.api.routes import gpus, health, models, workflows
 from app.dispatch import CeleryDispatcher
 from app.engine import Dispatcher
+from app.notify import FinishedListener
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await app.state.finished.close()
 
 
 def create_app(dispatcher: Dispatcher | None = None) -> FastAPI:
@@ -16,14 +26,17 @@ def create_app(dispatcher: Dispatcher | None = None) -> FastAPI:
         title="Corral",
         version="0.1.0",
         description="Durable multi-step LLM workflows on per-model llama.cpp worker pools.",
+        lifespan=_lifespan,
     )
     if dispatcher is None:
         from workers.celery_app import celery_app
 
         dispatcher = CeleryDispatcher(celery_app)
     app.state.dispatcher = dispatcher
+    app.state.finished = FinishedListener()  # wakes long-polling reads
     errors.install(app)
     app.include_router(health.router)
     app.include_router(workflows.router)
     app.include_router(models.router)
+    app.include_router(gpus.router)
     return app

@@ -30,7 +30,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(models_cmd.app, name="models")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -85,15 +85,25 @@ def api(
 def worker(
     model: Annotated[str, typer.Option(help="Catalog name of the model this pool serves.")],
     gpu: Annotated[
-        str, typer.Option(help="'none' (CPU), 'auto', or a GPU index to pin to.")
-    ] = "none",
-    concurrency: Annotated[int, typer.Option(min=1, help="Model instances (processes).")] = 1,
+        str,
+        typer.Option(help="'auto' (the scheduler places it), a GPU index to pin to, or 'none'."),
+    ] = "auto",
+    concurrency: Annotated[int, typer.Option(min=1, help="Model processes (CPU pools).")] = 1,
+    ctx: Annotated[
+        int | None, typer.Option(help="Context to serve (default: the catalog's n_ctx).")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Wait (visibly pending) when no GPU has room; else exit 3.")
+    ] = True,
 ) -> None:
     """Run a worker pool for one model: consumes only queue ``model.<name>``."""
     from app.cli.worker import run_worker
+    from app.errors import PlacementError
 
     try:
-        run_worker(model, gpu=gpu, concurrency=concurrency)
+        run_worker(model, gpu=gpu, concurrency=concurrency, n_ctx=ctx, wait=wait)
+    except PlacementError as exc:
+        raise _fail(str(exc), 2 if exc.permanent else 3) from exc
     except CorralError as exc:
         raise _fail(str(exc)) from exc
 
@@ -128,6 +138,7 @@ def beat() -> None:
 @app.command(name="flower")
 def flower_cmd(
     port: Annotated[int, typer.Option(help="Port.")] = 5555,
+    address: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     basic_auth: Annotated[
         str | None,
         typer.Option(envvar="CORRAL_FLOWER_BASIC_AUTH", help="user:password for Flower."),
@@ -142,7 +153,7 @@ def flower_cmd(
         [
             "flower",
             f"--port={port}",
-            "--address=127.0.0.1",
+            f"--address={address}",
             f"--basic-auth={basic_auth}",
             "--purge_offline_workers=60",
         ]
@@ -200,15 +211,17 @@ def _detail(resp: httpx.Response) -> str:
 
 
 def wait_for(client: httpx.Client, workflow_id: str, timeout_s: float) -> dict[str, Any]:
-    """Poll a workflow until it ends (or the timeout passes)."""
+    """Long-poll a workflow (``?wait_s=``) until it ends (or the timeout passes)."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.05
     while True:
-        run: dict[str, Any] = client.get(f"/v1/workflows/{workflow_id}").raise_for_status().json()
+        wait_s = max(0.0, min(30.0, deadline - time.monotonic()))
+        run: dict[str, Any] = (
+            client.get(f"/v1/workflows/{workflow_id}", params={"wait_s": wait_s}, timeout=60)
+            .raise_for_status()
+            .json()
+        )
         if run["status"] != "running" or time.monotonic() > deadline:
             return run
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
 
 
 def print_run(run: dict[str, Any]) -> None:
@@ -234,6 +247,14 @@ def print_run(run: dict[str, Any]) -> None:
             console.print(f"[bold]{s['id']}[/bold]: [yellow]{s['error']}[/yellow]")
     if run.get("error"):
         console.print(f"[red]{run['error']}[/red]")
+
+
+@app.command()
+def gpus() -> None:
+    """GPUs, their reservations and free memory, and pools waiting for room."""
+    from app.cli.views import print_gpus
+
+    print_gpus(console)
 
 
 @keys_app.command("create")

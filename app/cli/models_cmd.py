@@ -40,7 +40,7 @@ def pull(name: Annotated[str, typer.Argument(help="Catalog name.")]) -> None:
     try:
         path = do_pull(load_catalog(settings.catalog_path).get(name), settings.models_path)
     except CorralError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     console.print(f"{name}: {path}")
 
@@ -54,3 +54,59 @@ def make_tiny(
 
     for path in do_make(get_settings().models_path, force=force):
         console.print(f"wrote {path}")
+
+
+@app.command()
+def estimate(
+    name: Annotated[str, typer.Argument(help="Catalog name (its GGUF must be present).")],
+    ctx: Annotated[int | None, typer.Option(help="Context (default: the catalog's n_ctx).")] = None,
+    parallel: Annotated[int, typer.Option(min=1, help="Parallel sequences.")] = 1,
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="Split across GPUs of these sizes, e.g. '8GiB,8GiB'."),
+    ] = None,
+) -> None:
+    """Print the GPU memory a model needs, part by part, read from its GGUF header."""
+    from app.scheduler.estimate import estimate as do_estimate
+    from app.scheduler.estimate import plan_split
+    from app.scheduler.inventory import format_bytes, parse_bytes
+    from app.scheduler.service import estimate_for
+
+    settings = get_settings()
+    catalog = load_catalog(settings.catalog_path)
+    try:
+        entry = catalog.get(name)
+        est = estimate_for(
+            settings, catalog.path_for(entry, settings.models_path), ctx or entry.n_ctx, parallel
+        )
+        sizes = [parse_bytes(g) for g in gpus.split(",")] if gpus else []
+    except CorralError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if len(sizes) > 1:
+        split = plan_split(est, sizes)
+        if split is None:
+            Console(stderr=True, soft_wrap=True).print(
+                f"[red]does not fit[/red]: needs {format_bytes(est.total_bytes)} on one GPU; "
+                f"no split over {gpus} holds it"
+            )
+            raise typer.Exit(1)
+        est = do_estimate(
+            est.shape,
+            est.n_ctx,
+            parallel=parallel,
+            cache_type=est.cache_type,
+            flash_attention=est.flash_attention,
+            overhead_bytes=est.overhead_bytes,
+            split=split,
+        )
+    table = Table(title=f"{name} at n_ctx {est.n_ctx} × {parallel}")
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    table.add_column("", justify="right")
+    for label, n in est.breakdown():
+        table.add_row(label, str(n), format_bytes(n))
+    if est.split:
+        for i, (layers, n) in enumerate(zip(est.split, est.per_gpu_bytes(), strict=True)):
+            table.add_row(f"GPU {i}: {layers} layers", str(n), format_bytes(n))
+    console.print(table)

@@ -1,35 +1,85 @@
-"""`corral worker`: check the model, then run a Celery prefork pool on its queue only."""
+"""`corral worker`: check the model, place it on a GPU (or the CPU), then run a Celery pool.
+
+The placement happens before Celery starts and before llama.cpp initialises: the pool
+processes inherit ``CUDA_VISIBLE_DEVICES`` and the layer split through the environment.
+"""
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import socket
 
 from app.core.config import get_settings
-from app.errors import ConfigError
+from app.errors import ConfigError, PlacementError
+from app.live import get_redis
+from app.scheduler.inventory import detect_inventory, format_bytes
+from app.scheduler.placement import Placement
+from app.scheduler.service import PoolScheduler
 from models.catalog import load_catalog
 from models.gguf_info import read_gguf_info
 
 
-def run_worker(model: str, *, gpu: str = "none", concurrency: int = 1) -> None:
-    """Validate ``model`` and its GGUF (without llama.cpp), then start the worker."""
+def run_worker(
+    model: str,
+    *,
+    gpu: str = "auto",
+    concurrency: int = 1,
+    n_ctx: int | None = None,
+    wait: bool = True,
+) -> None:
+    """Validate ``model`` and its GGUF (without llama.cpp), place it, then start the worker."""
     settings = get_settings()
     settings.broker_url  # noqa: B018  (fail early with what to do)
     catalog = load_catalog(settings.catalog_path)
     entry = catalog.get(model)
-    info = read_gguf_info(catalog.path_for(entry, settings.models_path))
+    path = catalog.path_for(entry, settings.models_path)
+    info = read_gguf_info(path)
     if gpu not in ("none", "auto") and not gpu.isdigit():
         raise ConfigError(f"--gpu must be 'none', 'auto' or a GPU index, got {gpu!r}")
-    if gpu.isdigit():
-        # Pin before llama.cpp initialises: the pool processes inherit this environment.
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-        os.environ.setdefault("CORRAL_N_GPU_LAYERS", "-1")
-    os.environ["CORRAL_WORKER_MODEL"] = entry.name
-
+    if n_ctx is not None and not 0 < n_ctx <= entry.context_length:
+        raise ConfigError(
+            f"--ctx must be between 1 and {entry.name}'s context_length {entry.context_length}, "
+            f"got {n_ctx}"
+        )
+    from workers import control
     from workers.celery_app import celery_app, queue_for
 
+    hostname = socket.gethostname()
+    nodename = f"{entry.name}.{os.getpid()}@{hostname}"
+    placement: Placement | None = None
+    if gpu != "none":
+        if concurrency != 1:
+            raise ConfigError(
+                "a GPU pool runs one model process per reservation: use --concurrency 1 and "
+                "start more workers for more copies (or --gpu none for CPU pools)"
+            )
+        sched = PoolScheduler(
+            settings,
+            get_redis(),
+            detect_inventory(settings.gpus, hostname),
+            catalog,
+            evict=lambda r: control.request_release(celery_app, r, f"needed by {entry.name}"),
+        )
+        placement = sched.acquire(entry, path, holder=nodename, gpu=gpu, n_ctx=n_ctx, wait=wait)
+        if placement is not None:
+            _pin(placement)
+            sched.keep(placement)
+            atexit.register(sched.release, placement)
+            control.hold(
+                placement.reservations, lambda: sched.release(placement), queue_for(entry.name)
+            )
+    os.environ["CORRAL_WORKER_MODEL"] = entry.name
+    if n_ctx:
+        os.environ["CORRAL_WORKER_CTX"] = str(n_ctx)
+    where = "CPU"
+    if placement is not None and placement.estimate is not None:
+        gpus = ",".join(map(str, placement.indices))
+        where = f"GPU {gpus} ({format_bytes(placement.estimate.total_bytes)} reserved)"
     print(
         f"corral worker: {entry.name} ({info.architecture}, {info.size_bytes / 1e6:.1f} MB, "
-        f"n_ctx {entry.n_ctx}) on queue {queue_for(entry.name)}",
+        f"n_ctx {n_ctx or entry.n_ctx}) on queue {queue_for(entry.name)}, {where}",
         flush=True,
     )
     celery_app.worker_main(
@@ -42,7 +92,7 @@ def run_worker(model: str, *, gpu: str = "none", concurrency: int = 1) -> None:
             "--concurrency",
             str(concurrency),
             "-n",
-            f"{entry.name}.{os.getpid()}@%h",
+            nodename,
             "--loglevel",
             settings.log_level,
             "--without-gossip",
@@ -50,3 +100,18 @@ def run_worker(model: str, *, gpu: str = "none", concurrency: int = 1) -> None:
             "-E",
         ]
     )
+
+
+def _pin(placement: Placement) -> None:
+    """Pin the pool to its GPUs before llama.cpp initialises (the children inherit this)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in placement.indices)
+    os.environ["CORRAL_N_GPU_LAYERS"] = "-1"
+    os.environ["CORRAL_MAIN_GPU"] = "0"  # indices are renumbered from 0 after pinning
+    if placement.split:
+        os.environ["CORRAL_TENSOR_SPLIT"] = ",".join(str(n) for n in placement.split)
+    os.environ["CORRAL_RESERVATIONS"] = json.dumps(
+        [{"id": r.id, "host": r.host, "gpu": r.gpu} for r in placement.reservations]
+    )
+
+
+__all__ = ["PlacementError", "run_worker"]

@@ -58,6 +58,18 @@ class Settings(BaseSettings):
     reconcile_after_s: float = Field(
         default=30.0, gt=0, description="a ready step not on the broker after this is resent"
     )
+    # GPU scheduler.
+    gpus: str = Field(
+        default="auto", description="'auto' (NVML), 'none', or declared: '0:24GiB,1:24GiB'"
+    )
+    placement_policy: Literal["binpack", "spread"] = "binpack"
+    gpu_headroom_bytes: int = Field(default=256 * 2**20, ge=0, description="kept free per GPU")
+    gpu_overhead_bytes: int = Field(default=512 * 2**20, ge=0, description="CUDA context etc.")
+    kv_cache_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = "f16"
+    flash_attention: bool = False
+    lease_ttl_s: float = Field(default=30.0, gt=0, description="a dead holder's lease lasts this")
+    placement_poll_s: float = Field(default=2.0, gt=0, description="retry period when pending")
+
     # Chaos testing: "STEP_ID:N,..." makes the first N attempts of steps with that id fail
     # inside the worker, through the real failure path. Empty (the default) disables it.
     fault_injection: str = ""

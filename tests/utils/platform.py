@@ -36,17 +36,19 @@ class Platform:
         return self.client.post("/v1/workflows", json=spec, headers=headers)
 
     def wait(self, workflow_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Poll until the workflow is no longer running."""
+        """Long-poll (``?wait_s=``) until the workflow is no longer running."""
         deadline = time.monotonic() + timeout_s
         while True:
-            run: dict[str, Any] = self.client.get(f"/v1/workflows/{workflow_id}").json()
+            wait_s = max(0.0, min(10.0, deadline - time.monotonic()))
+            run: dict[str, Any] = self.client.get(
+                f"/v1/workflows/{workflow_id}", params={"wait_s": wait_s}
+            ).json()
             if run["status"] != "running":
                 return run
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"workflow still running after {timeout_s}s: {run}\n{self.logs()}"
                 )
-            time.sleep(0.05)
 
     def run(self, spec: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
         resp = self.submit(spec)

@@ -6,16 +6,25 @@ import base64
 import binascii
 import hashlib
 import json
+import time
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
-from app import engine, live
-from app.api.deps import ApiKeyDep, CatalogDep, DispatcherDep, SessionDep, SettingsDep
+from app import db, engine, live, notify
+from app.api.deps import (
+    ApiKeyDep,
+    CatalogDep,
+    DispatcherDep,
+    FinishedDep,
+    SessionDep,
+    SettingsDep,
+)
 from app.errors import ConflictError, NotFoundError, SpecError
 from app.schemas import WorkflowAccepted, WorkflowPage, WorkflowPublic, WorkflowSummary
 from app.spec import WorkflowSpec, validate_workflow
@@ -80,7 +89,7 @@ async def submit_workflow(
         earlier = engine.find_idempotent(session, key.id, idempotency_key)
         if earlier is not None:
             return _replay(earlier, request_hash, response)
-    validated = validate_workflow(raw, catalog, settings, count_tokens)
+    validated = validate_workflow(raw, catalog, settings, count_tokens, live.pool_contexts())
     try:
         run = engine.create_workflow(
             validated,
@@ -118,18 +127,59 @@ def _owned(session: SessionDep, key: ApiKeyDep, workflow_id: str) -> WorkflowRun
     return run
 
 
-@router.get("/{workflow_id}", response_model=WorkflowPublic)
-def get_workflow(workflow_id: str, key: ApiKeyDep, session: SessionDep) -> WorkflowPublic:
-    """A workflow's status and, per step: status, attempts, output, error, timings."""
+def _view(session: Session, key_id: int | None, workflow_id: str) -> WorkflowPublic:
     from app.schemas import StepPublic
 
-    run = _owned(session, key, workflow_id)
+    run = session.get(WorkflowRun, workflow_id)
+    if run is None or run.api_key_id != key_id:
+        raise NotFoundError(f"no workflow {workflow_id!r}")
     steps = session.exec(
         select(StepRun).where(StepRun.workflow_id == run.id).order_by(StepRun.position)  # type: ignore[arg-type]
     ).all()
     return WorkflowPublic(
         **WorkflowSummary.of(run).model_dump(), steps=[StepPublic.of(s) for s in steps]
     )
+
+
+def _fresh_view(key_id: int | None, workflow_id: str) -> WorkflowPublic:
+    with db.session_scope() as session:
+        return _view(session, key_id, workflow_id)
+
+
+@router.get("/{workflow_id}", response_model=WorkflowPublic)
+async def get_workflow(
+    workflow_id: str,
+    key: ApiKeyDep,
+    session: SessionDep,
+    finished: FinishedDep,
+    wait_s: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=notify.MAX_WAIT_S,
+            description="Long-poll: answer as soon as the workflow has ended, or after "
+            "this many seconds with its current state.",
+        ),
+    ] = 0.0,
+) -> WorkflowPublic:
+    """A workflow's status and, per step: status, attempts, output, error, timings.
+
+    With ``wait_s``, the answer comes as soon as the workflow leaves ``running`` (woken by
+    the engine's finish notification) or when ``wait_s`` runs out, whichever is first;
+    e.g. ``GET /v1/workflows/ID?wait_s=30`` in a loop is a blocking wait.
+    """
+    if wait_s <= 0:
+        return await run_in_threadpool(_view, session, key.id, workflow_id)
+    # Hold no pooled DB connection while waiting: each read below has a session of its own.
+    await run_in_threadpool(session.commit)
+    deadline = time.monotonic() + wait_s
+    while True:
+        async with finished.watch(workflow_id) as event:
+            view = await run_in_threadpool(_fresh_view, key.id, workflow_id)
+            remaining = deadline - time.monotonic()
+            if view.status is not WorkflowStatus.running or remaining <= 0:
+                return view
+            await finished.wait(event, min(remaining, notify.RECHECK_S))
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:

@@ -1,0 +1,218 @@
+"""Memory blocks: named, size-limited texts a user's conversations share (Letta's core memory).
+
+Every user has ``persona``, ``user`` and ``project`` (empty until written) and any other
+block the API or the model creates. Each edit — through the API or through a model's
+``memory_append`` / ``memory_replace`` tool call — is an optimistic transaction on the
+block (WATCH/MULTI), checked against the block's character limit, and leaves an entry in
+the block's edit history naming who made it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, Literal, cast
+
+import redis
+from redis.client import Pipeline
+
+from app.errors import NotFoundError, SpecError
+from app.memory.keys import Keys, check_block_name
+from app.memory.schemas import Block, BlockEdit, from_ms
+
+DEFAULT_BLOCKS = ("persona", "user", "project")
+Op = Literal["put", "append", "replace", "delete"]
+
+
+def _now_ms(client: redis.Redis) -> int:
+    seconds, micros = cast(tuple[int, int], client.time())
+    return seconds * 1000 + micros // 1000
+
+
+class BlockStore:
+    """Memory blocks of every user of every tenant."""
+
+    def __init__(
+        self, client: redis.Redis, *, default_limit: int, max_limit: int, history: int
+    ) -> None:
+        self.redis = client
+        self.default_limit = default_limit
+        self.max_limit = max_limit
+        self.history = history
+
+    def _parse(self, name: str, raw: bytes | None) -> Block | None:
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        at = data.get("updated_at")
+        return Block(
+            name=name,
+            value=data["value"],
+            limit=data["limit"],
+            description=data.get("description"),
+            version=data.get("version", 0),
+            updated_at=from_ms(at) if at else None,
+        )
+
+    def _empty(self, name: str) -> Block:
+        return Block(name=name, value="", limit=self.default_limit)
+
+    def all(self, tenant: str, user_id: str) -> dict[str, Block]:
+        """Every block of the user: the defaults (maybe empty) first, then the rest by name."""
+        raw = cast(dict[bytes, bytes], self.redis.hgetall(Keys(tenant).blocks(user_id)))
+        stored = {k.decode(): self._parse(k.decode(), v) for k, v in raw.items()}
+        out = {name: stored.pop(name, None) or self._empty(name) for name in DEFAULT_BLOCKS}
+        for name in sorted(stored):
+            block = stored[name]
+            if block is not None:
+                out[name] = block
+        return out
+
+    def get(self, tenant: str, user_id: str, name: str) -> Block:
+        check_block_name(name)
+        raw = cast(bytes | None, self.redis.hget(Keys(tenant).blocks(user_id), name))
+        block = self._parse(name, raw)
+        if block is None:
+            if name in DEFAULT_BLOCKS:
+                return self._empty(name)
+            raise NotFoundError(f"user {user_id!r} has no memory block {name!r}")
+        return block
+
+    def put(
+        self,
+        tenant: str,
+        user_id: str,
+        name: str,
+        value: str,
+        *,
+        source: str,
+        limit: int | None = None,
+        description: str | None = None,
+    ) -> Block:
+        """Set a block's value (creating the block), optionally with a new limit."""
+        if limit is not None and limit > self.max_limit:
+            raise SpecError.single(
+                ("limit",),
+                f"limit must be ≤ {self.max_limit} characters (CORRAL_MEMORY_MAX_BLOCK_LIMIT), "
+                f"got {limit}",
+                "limit",
+            )
+
+        def change(block: Block) -> tuple[str, dict[str, Any]]:
+            if limit is not None:
+                block.limit = limit
+            if description is not None:
+                block.description = description
+            return value, {}
+
+        return self._edit(tenant, user_id, name, "put", source, change, create=True)
+
+    def append(self, tenant: str, user_id: str, name: str, text: str, *, source: str) -> Block:
+        """Add ``text`` on a new line at the end of the block."""
+        if not text:
+            raise SpecError.single(("text",), "text to append must not be empty", "empty")
+
+        def change(block: Block) -> tuple[str, dict[str, Any]]:
+            return (f"{block.value}\n{text}" if block.value else text), {"text": text}
+
+        return self._edit(tenant, user_id, name, "append", source, change, create=True)
+
+    def replace(
+        self, tenant: str, user_id: str, name: str, old: str, new: str, *, source: str
+    ) -> Block:
+        """Replace every occurrence of ``old`` in the block by ``new`` (empty deletes it)."""
+        if not old:
+            raise SpecError.single(("old",), "old text must not be empty", "empty")
+
+        def change(block: Block) -> tuple[str, dict[str, Any]]:
+            count = block.value.count(old)
+            if count == 0:
+                raise SpecError.single(
+                    ("old",), f"block {name!r} does not contain {old!r}", "not_found"
+                )
+            return block.value.replace(old, new), {"old": old, "new": new, "count": count}
+
+        return self._edit(tenant, user_id, name, "replace", source, change, create=False)
+
+    def delete(self, tenant: str, user_id: str, name: str, *, source: str) -> None:
+        """Remove a block (a default block reads as empty afterwards)."""
+
+        def change(block: Block) -> tuple[str, dict[str, Any]]:
+            return "", {}
+
+        self._edit(tenant, user_id, name, "delete", source, change, create=False)
+
+    def history(self, tenant: str, user_id: str, name: str, limit: int = 50) -> list[BlockEdit]:
+        """The block's edits, newest first."""
+        check_block_name(name)
+        raw = cast(list[bytes], self.redis.lrange(Keys(tenant).block_log(user_id, name), 0, limit - 1))
+        out = []
+        for item in raw:
+            data = json.loads(item)
+            data["at"] = from_ms(data["at"])
+            out.append(BlockEdit.model_validate(data))
+        return out
+
+    def _edit(
+        self,
+        tenant: str,
+        user_id: str,
+        name: str,
+        op: Op,
+        source: str,
+        change: Callable[[Block], tuple[str, dict[str, Any]]],
+        *,
+        create: bool,
+    ) -> Block:
+        check_block_name(name, ("block",))
+        k = Keys(tenant)
+        blocks_key, log_key = k.blocks(user_id), k.block_log(user_id, name)
+        result: list[Block] = []
+
+        def txn(pipe: Pipeline) -> None:
+            raw = cast(bytes | None, pipe.hget(blocks_key, name))
+            current = self._parse(name, raw)
+            if current is None:
+                if not create and name not in DEFAULT_BLOCKS:
+                    raise NotFoundError(f"user {user_id!r} has no memory block {name!r}")
+                current = self._empty(name)
+            old = current.value
+            block = current.model_copy()
+            value, detail = change(block)
+            if len(value) > block.limit:
+                raise SpecError.single(
+                    ("value",) if op == "put" else ("args", "text"),
+                    f"block {name!r} would be {len(value)} characters; its limit is "
+                    f"{block.limit}",
+                    "block_limit",
+                )
+            now = _now_ms(self.redis)
+            block.value, block.version = value, current.version + 1
+            edit = {
+                "version": block.version,
+                "op": op,
+                "source": source,
+                "old": old,
+                "new": value,
+                "at": now,
+                "detail": detail,
+            }
+            pipe.multi()
+            if op == "delete":
+                pipe.hdel(blocks_key, name)
+            else:
+                stored = {
+                    "value": value,
+                    "limit": block.limit,
+                    "description": block.description,
+                    "version": block.version,
+                    "updated_at": now,
+                }
+                pipe.hset(blocks_key, name, json.dumps(stored))
+            if self.history:
+                pipe.lpush(log_key, json.dumps(edit))
+                pipe.ltrim(log_key, 0, self.history - 1)
+            result[:] = [block.model_copy(update={"updated_at": from_ms(now)})]
+
+        self.redis.transaction(txn, blocks_key)
+        return result[0]

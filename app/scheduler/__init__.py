@@ -1,0 +1,1 @@
+"""GPU memory-reservation scheduler: inventory, estimator, ledger, placement policies."""

@@ -1,0 +1,128 @@
+"""The results as a rich table (and the targets they are held to)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# The issue's targets: added latency per step, dispatch throughput, fan-out time.
+TARGETS = {
+    "step_added_median_ms": 5.0,  # under
+    "dispatch_ratio": 0.8,  # at least
+    "fan_out_ratio": 1.2,  # at most
+}
+
+
+def verdicts(figures: dict[str, Any]) -> dict[str, bool | None]:
+    """Whether each target is met (None when the figure was not measured)."""
+    step, disp, fan = (figures.get(k) for k in ("step_overhead", "dispatch", "fan_out"))
+    return {
+        "step_added_median_ms": (
+            step["added_ms"]["median"] < TARGETS["step_added_median_ms"] if step else None
+        ),
+        "dispatch_ratio": (
+            disp["ratio"] is not None and disp["ratio"] >= TARGETS["dispatch_ratio"]
+            if disp
+            else None
+        ),
+        "fan_out_ratio": (
+            fan["ratio"] is not None and fan["ratio"] <= TARGETS["fan_out_ratio"] if fan else None
+        ),
+    }
+
+
+def _mark(ok: bool | None) -> str:
+    return {True: "[green]met[/green]", False: "[red]missed[/red]", None: ""}[ok]
+
+
+def _ms(s: dict[str, Any], key: str = "median") -> str:
+    return f"{s[key]:.2f} ms"
+
+
+def render(result: dict[str, Any], console: Console | None = None) -> None:
+    """Print the figures, the targets and the machine."""
+    console = console or Console()
+    figures: dict[str, Any] = result["figures"]
+    met = verdicts(figures)
+    table = Table(title="Corral against its baselines (medians; measured interleaved)")
+    for col in ("figure", "Corral", "baseline", "result", "target", ""):
+        table.add_column(col)
+    if step := figures.get("step_overhead"):
+        table.add_row(
+            f"1. step overhead (1 generate step, n={step['n']})",
+            f"{_ms(step['corral_ms'])} (p95 {_ms(step['corral_ms'], 'p95')})",
+            f"llama.cpp direct {_ms(step['direct_ms'])} (p95 {_ms(step['direct_ms'], 'p95')})",
+            f"+{_ms(step['added_ms'])} (p95 +{_ms(step['added_ms'], 'p95')})",
+            "< 5 ms",
+            _mark(met["step_added_median_ms"]),
+        )
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in step["breakdown_median_ms"].items())
+        table.add_row("   where Corral's time goes (ms)", parts, "", "", "", "")
+    if disp := figures.get("dispatch"):
+        table.add_row(
+            f"2. dispatch throughput (n={disp['n']}, {disp['workers']} workers)",
+            f"{disp['corral_per_s']['median']:.1f} workflows/s",
+            f"bare Celery {disp['bare_per_s']['median']:.1f} tasks/s",
+            f"{disp['ratio']:.2f}×",
+            "≥ 0.8×",
+            _mark(met["dispatch_ratio"]),
+        )
+        table.add_row(
+            "   CPU per workflow / task",
+            f"{disp['corral_cpu_ms_per_item']['median']:.2f} ms (API + worker)",
+            f"{disp['bare_cpu_ms_per_item']['median']:.2f} ms (worker)",
+            "",
+            "",
+            "",
+        )
+    if fan := figures.get("fan_out"):
+        table.add_row(
+            f"3. fan-out 1 → {fan['width']} → 1 ({fan['workers']} workers)",
+            f"{fan['corral_ms']['median']:.0f} ms",
+            f"bare chord {fan['bare_ms']['median']:.0f} ms",
+            f"{fan['ratio']:.2f}×",
+            "≤ 1.2×",
+            _mark(met["fan_out_ratio"]),
+        )
+    if sub := figures.get("submission"):
+        lat, floor = sub["latency_ms"], sub["healthz_latency_ms"]
+        table.add_row(
+            f"4. submission API (concurrency {sub['concurrency']})",
+            f"{sub['accepted_per_s']['median']:.0f} accepted/s, "
+            f"p50 {lat['p50']:.1f} / p99 {lat['p99']:.1f} ms",
+            f"GET /healthz {sub['healthz_per_s']['median']:.0f}/s, "
+            f"p50 {floor['p50']:.1f} / p99 {floor['p99']:.1f} ms",
+            f"{sub['ratio_to_healthz']:.2f}× of the HTTP floor",
+            "",
+            "",
+        )
+    gpu = figures.get("gpu") or {}
+    if gpu.get("run"):
+        ceiling = f"{gpu['ceiling_tok_s']:.0f}" if gpu.get("ceiling_tok_s") else "unknown"
+        table.add_row(
+            f"5. GPU tokens/s ({gpu['model']}, {gpu['max_tokens']} tokens)",
+            f"{gpu['corral_decode_tok_s']['median']:.1f} decode, "
+            f"{gpu['corral_e2e_tok_s']['median']:.1f} end to end",
+            f"direct {gpu['direct_decode_tok_s']['median']:.1f} decode, "
+            f"{gpu['direct_e2e_tok_s']['median']:.1f} end to end",
+            f"{gpu['decode_ratio']:.2f}× decode; ceiling {ceiling} tok/s",
+            "",
+            "",
+        )
+    else:
+        table.add_row("5. GPU tokens/s", "not run", gpu.get("reason", ""), "", "", "")
+    console.print(table)
+    machine = result["machine"]
+    console.print(
+        "machine: "
+        + "; ".join(
+            f"{k} {v}"
+            for k, v in machine.items()
+            if k not in ("load_avg_start",) and v not in (None, [], "")
+        )
+    )
+    console.print(
+        f"load average at start {machine.get('load_avg_start')}, at end {result.get('load_avg_end')}"
+    )

@@ -1,0 +1,96 @@
+"""Small statistics and process-CPU accounting for the benchmarks (no timing assertions)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation between order statistics."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summary(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
+    """n, median, p95, p99, min and max of ``values``, rounded."""
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "median": round(statistics.median(values), digits),
+        "p95": round(pct(values, 95), digits),
+        "p99": round(pct(values, 99), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
+
+
+def ratio(a: float, b: float, digits: int = 3) -> float | None:
+    return round(a / b, digits) if b else None
+
+
+# ---- CPU time of process trees, from /proc (Linux). None elsewhere.
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of ``pid``."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    # After the command: state ppid ... utime(12th) stime(13th), counted from state = 0.
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def tree_cpu_s(roots: Iterable[int]) -> float | None:
+    """CPU seconds used so far by ``roots`` and every live descendant (pool processes)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st is not None:
+                stats[int(entry.name)] = st
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _cpu) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo, seen = 0.0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        total += stats[pid][1]
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+class CpuMeter:
+    """CPU seconds a set of process trees uses between ``start`` and ``stop``."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._start: float | None = None
+        self.used_s: float | None = None
+
+    def __enter__(self) -> CpuMeter:
+        self._start = tree_cpu_s(self.pids)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        end = tree_cpu_s(self.pids)
+        self.used_s = None if end is None or self._start is None else end - self._start
