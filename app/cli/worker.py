@@ -49,7 +49,10 @@ def run_worker(
     hostname = socket.gethostname()
     nodename = f"{entry.name}.{os.getpid()}@{hostname}"
     placement: Placement | None = None
-    if gpu != "none":
+    inventory = detect_inventory(settings.gpus, hostname) if gpu != "none" else None
+    if gpu.isdigit() and (inventory is None or not inventory.gpus()):
+        raise PlacementError(f"--gpu {gpu}: this host has no GPU", permanent=True)
+    if inventory is not None and inventory.gpus():
         if concurrency != 1:
             raise ConfigError(
                 "a GPU pool runs one model process per reservation: use --concurrency 1 and "
@@ -58,7 +61,7 @@ def run_worker(
         sched = PoolScheduler(
             settings,
             get_redis(),
-            detect_inventory(settings.gpus, hostname),
+            inventory,
             catalog,
             evict=lambda r: control.request_release(celery_app, r, f"needed by {entry.name}"),
         )

@@ -9,6 +9,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.utils.platform import Platform
@@ -303,3 +304,8 @@ def test_models_health_and_docs(platform: Platform) -> None:
     schema = platform.client.get("/openapi.json").json()
     assert "/v1/workflows" in schema["paths"]
     assert platform.client.get("/docs").status_code == 200
+    with httpx.Client(base_url=platform.url) as anon:  # no key needed
+        text = anon.get("/metrics").text
+    assert 'corral_workers{model="tiny-chat"} 2' in text
+    assert 'corral_workflows{status="succeeded"}' in text
+    assert 'corral_queue_length{model="tiny-embed"}' in text

@@ -103,3 +103,44 @@ def _tiny_shape():  # type: ignore[no-untyped-def]
     from app.scheduler.estimate import ModelShape
 
     return ModelShape("llama", 2, 64, 4, 4, 16, 16, 100, 512, (1000, 1000), 500, 500)
+
+
+def test_models_estimate_cli(models_dir: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env["CORRAL_MODELS_DIR"] = str(models_dir)
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli.main", "models", "estimate", "tiny-chat", "--ctx", "1024"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "KV cache (1024 ctx × 1, f16)" in out.stdout
+    assert "total on GPU" in out.stdout
+
+
+def test_scheduler_simulation_smoke(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "sim.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scheduler_sim", "--events", "40", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert [r["policy"] for r in data["results"]] == ["binpack", "spread"]
+    for r in data["results"]:
+        assert r["placed"] + r["refused"] == r["arrivals"] > 0
+        assert r["latency_ms_p99"] >= r["latency_ms_p50"] > 0
