@@ -181,3 +181,24 @@ def test_unknown_gpu_is_refused(client: redis.Redis) -> None:
     got = ledger.reserve("m", "w", [("nohost", 0, 1)])
     assert not got.ok
     assert "unknown GPU" in got.reason
+
+
+def test_catalog_standing_reserves_are_synced_once(client: redis.Redis, tmp_path: Path) -> None:
+    from app.core.config import Settings
+    from app.scheduler.service import sync_standing
+    from models.catalog import Catalog, load_catalog
+
+    shipped = load_catalog()
+    vip = shipped.get("tiny-chat").model_copy(
+        update={"priority": 10, "reserve_gpus": ("0", "other-host:1"), "reserve_bytes": 700 * 2**20}
+    )
+    catalog = Catalog((vip, shipped.get("tiny-embed")))
+    ledger = Ledger(client, headroom_bytes=0)
+    ledger.register_gpus(DeclaredInventory("0:1GiB,1:1GiB", "h").gpus(), ttl_s=300)
+    made = sync_standing(ledger, catalog, "h", [0, 1], Settings(models_dir=tmp_path))
+    assert [(r.gpu_key, r.model, r.bytes, r.standing) for r in made] == [
+        ("h:0", "tiny-chat", 700 * 2**20, True)
+    ]
+    assert sync_standing(ledger, catalog, "h", [0, 1], Settings(models_dir=tmp_path)) == []
+    assert not ledger.reserve("tiny-embed", "w", [("h", 0, 500 * 2**20)]).ok
+    assert ledger.reserve("tiny-embed", "w", [("h", 1, 500 * 2**20)]).ok
