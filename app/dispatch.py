@@ -50,7 +50,7 @@ class CeleryDispatcher:
     def _without_pool(dispatches: Sequence[Dispatch], sent: list[str]) -> list[str]:
         """Sent steps whose model has no live worker right now."""
         try:
-            live_models = {w.get("model") for w in live.live_workers()}
+            live_models = {w.get("model") for w in live.live_workers(max_age_s=1.0)}
         except (RedisError, OSError):
             return []
         return [

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
 from jinja2 import TemplateError
+from sqlalchemy import update
+from sqlalchemy.orm import defer
 from sqlmodel import Session, select
 
 from app import db, notify
@@ -68,24 +72,53 @@ class _Tx:
     session: Session
     workflow: WorkflowRun
     dispatches: list[Dispatch] = field(default_factory=list)
+    step_id: str | None = None  # the spec id of the step _locked was given, if any
 
-    def steps(self) -> dict[str, StepRun]:
+    def steps(self, only: Collection[str] | None = None) -> dict[str, StepRun]:
+        """The workflow's step rows (``only`` those step ids), in spec order."""
+        query = select(StepRun).where(StepRun.workflow_id == self.workflow.id)
+        if only is not None:
+            query = query.where(StepRun.step_id.in_(only))  # type: ignore[attr-defined]
+        # Timestamps the engine only ever writes are not read back (less to parse per row).
         rows = self.session.exec(
-            select(StepRun)
-            .where(StepRun.workflow_id == self.workflow.id)
-            .order_by(StepRun.position)  # type: ignore[arg-type]
+            query.options(*_WRITE_ONLY).order_by(StepRun.position)  # type: ignore[arg-type]
         ).all()
         return {r.step_id: r for r in rows}
 
 
+_WRITE_ONLY = [
+    defer(StepRun.dispatched_at),  # type: ignore[arg-type]
+    defer(StepRun.started_at),  # type: ignore[arg-type]
+    defer(StepRun.finished_at),  # type: ignore[arg-type]
+    defer(StepRun.updated_at),  # type: ignore[arg-type]
+]
+
+
+class _StepGone(NotFoundError):
+    """The step run a task names does not exist (any more)."""
+
+
 @contextmanager
-def _locked(workflow_id: str, dispatcher: Dispatcher | None) -> Iterator[_Tx]:
+def _locked(
+    workflow_id: str | None, dispatcher: Dispatcher | None, *, step_run_id: str | None = None
+) -> Iterator[_Tx]:
+    # Given a step instead of a workflow, find the step's workflow in this same transaction
+    # (workflow_id never changes, so reading it before the lock is safe).
+    step_id = None
     with db.session_scope(write=True) as session:
+        if workflow_id is None:
+            found = session.exec(
+                select(StepRun.workflow_id, StepRun.step_id).where(StepRun.id == step_run_id)
+            ).first()
+            if found is None:
+                raise _StepGone(f"no step run {step_run_id!r}")
+            workflow_id, step_id = found
         db.lock_workflow(session, workflow_id)
-        workflow = session.get(WorkflowRun, workflow_id)
+        # The spec is immutable and cached per process (see _step_spec): not read here.
+        workflow = session.get(WorkflowRun, workflow_id, options=[defer(WorkflowRun.spec)])  # type: ignore[arg-type]
         if workflow is None:
             raise NotFoundError(f"no workflow {workflow_id!r}")
-        tx = _Tx(session, workflow)
+        tx = _Tx(session, workflow, step_id=step_id)
         was_terminal = workflow.status.terminal
         yield tx
     if tx.dispatches and dispatcher is not None:
@@ -160,11 +193,45 @@ def _context(tx: _Tx, steps: dict[str, StepRun]) -> dict[str, Any]:
     }
 
 
+_SPECS: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()  # workflow id: steps
+_SPECS_MAX = 256
+_specs_lock = threading.Lock()
+
+
+def _spec_steps(tx: _Tx) -> dict[str, dict[str, Any]]:
+    """The workflow's step specs by id. A spec never changes after submit, so each process
+    parses it once (an LRU of recent workflows) instead of in every transaction."""
+    wid = tx.workflow.id
+    with _specs_lock:
+        steps = _SPECS.get(wid)
+        if steps is not None:
+            _SPECS.move_to_end(wid)
+            return steps
+    steps = {step["id"]: step for step in tx.workflow.spec["steps"]}  # loads the column
+    with _specs_lock:
+        _SPECS[wid] = steps
+        while len(_SPECS) > _SPECS_MAX:
+            _SPECS.popitem(last=False)
+    return steps
+
+
 def _step_spec(tx: _Tx, step_id: str) -> dict[str, Any]:
-    for step in tx.workflow.spec["steps"]:
-        if step["id"] == step_id:
-            return dict(step)
-    raise NotFoundError(f"step {step_id!r} is not in workflow {tx.workflow.id}")
+    step = _spec_steps(tx).get(step_id)
+    if step is None:
+        raise NotFoundError(f"step {step_id!r} is not in workflow {tx.workflow.id}")
+    return dict(step)
+
+
+def _with_ancestors(tx: _Tx, step_id: str) -> set[str]:
+    """``step_id`` and every step it depends on, transitively (what its templates may read)."""
+    specs = _spec_steps(tx)
+    seen, todo = {step_id}, [step_id]
+    while todo:
+        for dep in specs.get(todo.pop(), {}).get("depends_on") or ():
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
 
 
 def _settle(tx: _Tx, steps: dict[str, StepRun]) -> None:
@@ -227,14 +294,18 @@ def _finish_workflow(tx: _Tx, steps: dict[str, StepRun]) -> None:
 
 def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
     """Mark one attempt of a step running; None when this delivery is stale or a duplicate."""
-    with db.session_scope() as session:
-        row = session.get(StepRun, step_run_id)
-        if row is None:
-            return None
-        workflow_id = row.workflow_id
-    with _locked(workflow_id, None) as tx:
-        step = tx.session.get(StepRun, step_run_id)
-        assert step is not None
+    try:
+        return _claim(step_run_id, attempt)
+    except _StepGone:
+        return None
+
+
+def _claim(step_run_id: str, attempt: int) -> StepWork | None:
+    with _locked(None, None, step_run_id=step_run_id) as tx:
+        assert tx.step_id is not None
+        # One query: the step itself and the steps its input templates may read.
+        steps = tx.steps(only=_with_ancestors(tx, tx.step_id))
+        step = steps[tx.step_id]
         fresh = step.status in _SENDABLE and step.attempts == attempt - 1
         redelivered = step.status is StepStatus.running and step.attempts == attempt
         if tx.workflow.status.terminal or not (fresh or redelivered):
@@ -266,7 +337,7 @@ def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
             queued_ms=queued_ms,
         )
         try:
-            work.input = render_value(spec["input"], _context(tx, tx.steps()))
+            work.input = render_value(spec["input"], _context(tx, steps))
         except (TemplateError, TypeError, ValueError) as exc:
             work.input_error = f"input template failed to render: {exc}"
         return work
@@ -276,8 +347,7 @@ def complete_step(
     step_run_id: str, attempt: int, output: dict[str, Any], dispatcher: Dispatcher
 ) -> bool:
     """Store a step's output and advance; False when this attempt no longer owns the step."""
-    workflow_id = _workflow_of(step_run_id)
-    with _locked(workflow_id, dispatcher) as tx:
+    with _locked(None, dispatcher, step_run_id=step_run_id) as tx:
         steps = tx.steps()
         step = next(s for s in steps.values() if s.id == step_run_id)
         if step.status is not StepStatus.running or step.attempts != attempt:
@@ -293,8 +363,7 @@ def fail_step(
     step_run_id: str, attempt: int, error: str, *, retryable: bool, dispatcher: Dispatcher
 ) -> StepStatus | None:
     """Record a failed attempt: retry with backoff if allowed, else fail the workflow."""
-    workflow_id = _workflow_of(step_run_id)
-    with _locked(workflow_id, dispatcher) as tx:
+    with _locked(None, dispatcher, step_run_id=step_run_id) as tx:
         steps = tx.steps()
         step = next(s for s in steps.values() if s.id == step_run_id)
         if step.status is not StepStatus.running or step.attempts != attempt:
@@ -351,19 +420,23 @@ def mark_dispatched(step_run_ids: Sequence[str], no_pool: Sequence[str] = ()) ->
     until a pool for their model claims them.
     """
     with db.session_scope(write=True) as session:
-        now = utcnow()
-        for row in session.exec(select(StepRun).where(StepRun.id.in_(step_run_ids))):  # type: ignore[attr-defined]
-            row.dispatched_at = now
-            if row.id in no_pool and row.status is StepStatus.queued:
-                row.status = StepStatus.waiting_for_pool
-
-
-def _workflow_of(step_run_id: str) -> str:
-    with db.session_scope() as session:
-        row = session.get(StepRun, step_run_id)
-        if row is None:
-            raise NotFoundError(f"no step run {step_run_id!r}")
-        return row.workflow_id
+        # Set-based UPDATEs: no rows are loaded (this runs once per send, on the hot path).
+        session.exec(
+            update(StepRun)
+            .where(StepRun.id.in_(step_run_ids))  # type: ignore[attr-defined]
+            .values(dispatched_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        if no_pool:
+            session.exec(
+                update(StepRun)
+                .where(
+                    StepRun.id.in_(no_pool),  # type: ignore[attr-defined]
+                    StepRun.status == StepStatus.queued,  # type: ignore[arg-type]
+                )
+                .values(status=StepStatus.waiting_for_pool)
+                .execution_options(synchronize_session=False)
+            )
 
 
 def undispatched(older_than_s: float, limit: int = 500) -> list[Dispatch]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from typing import Any
 
 import redis
@@ -19,6 +20,7 @@ CANCEL_TTL_S = 7 * 24 * 3600
 
 _clients: dict[tuple[str, int], redis.Redis] = {}
 _lock = threading.Lock()
+_live_cache: dict[int, tuple[float, list[dict[str, Any]]]] = {}  # pid: (read at, workers)
 
 
 def get_redis() -> redis.Redis:
@@ -60,19 +62,28 @@ def unregister_worker(hostname: str) -> None:
     get_redis().delete(WORKER_KEY.format(hostname=hostname))
 
 
-def live_workers() -> list[dict[str, Any]]:
-    """Every worker whose heartbeat has not expired."""
+def live_workers(max_age_s: float = 0.0) -> list[dict[str, Any]]:
+    """Every worker whose heartbeat has not expired.
+
+    ``max_age_s`` > 0 accepts an answer read that recently by this process (hot paths: each
+    submit and each dispatch asks; heartbeats are seconds apart, so a second-old view
+    is as good, and it saves a SCAN of the keyspace and an MGET per call).
+    """
+    now = time.monotonic()
+    cached = _live_cache.get(os.getpid())
+    if max_age_s > 0 and cached is not None and now - cached[0] < max_age_s:
+        return cached[1]
     client = get_redis()
     keys = sorted(client.scan_iter(match=WORKER_KEY.format(hostname="*"), count=500))
-    if not keys:
-        return []
-    return [json.loads(v) for v in client.mget(keys) if v is not None]
+    workers = [json.loads(v) for v in client.mget(keys) if v is not None] if keys else []
+    _live_cache[os.getpid()] = (now, workers)
+    return workers
 
 
-def pool_contexts() -> dict[str, int]:
+def pool_contexts(max_age_s: float = 0.0) -> dict[str, int]:
     """For each model with a live pool, the largest context any of its workers serves."""
     out: dict[str, int] = {}
-    for w in live_workers():
+    for w in live_workers(max_age_s):
         model, n_ctx = w.get("model"), w.get("n_ctx")
         if isinstance(model, str) and isinstance(n_ctx, int):
             out[model] = max(out.get(model, 0), n_ctx)

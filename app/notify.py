@@ -115,7 +115,7 @@ class FinishedListener:
             finally:
                 self._subscribed.clear()
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
                     await client.aclose()
             await asyncio.sleep(_RESUBSCRIBE_S)
 

@@ -32,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.core.config import Settings
 from app.errors import FieldError, SpecError, UnknownModelError
+from app.memory.keys import CONVERSATION_ID_PATTERN, USER_ID_PATTERN
+from app.memory.options import TOOL_NAMES, MemoryOptions, ToolChoice, ToolName
 from app.templating import (
     Reference,
     check_condition,
@@ -47,7 +49,16 @@ STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 STEP_FIELDS = {"output", "status", "attempts", "error"}
 OUTPUT_KEYS = {
     "generate": {"text", "finish_reason", "prompt_tokens", "completion_tokens", "timings"},
-    "chat": {"text", "message", "finish_reason", "prompt_tokens", "completion_tokens", "timings"},
+    "chat": {
+        "text",
+        "message",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "timings",
+        "memory",
+        "tool_calls",
+    },
     "embed": {"vectors", "dim", "prompt_tokens", "timings"},
 }
 
@@ -102,9 +113,35 @@ class ChatMessage(_Strict):
 
 
 class ChatInput(SamplingParams):
-    """Input of a ``chat`` step: messages rendered through the model's chat template."""
+    """Input of a ``chat`` step: messages rendered through the model's chat template.
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    With ``conversation_id`` the step runs on conversation memory (``app.memory``): its
+    messages are the new turn (none: answer the conversation's last message), and the
+    worker assembles the context from history, memory blocks, the summary and recall.
+    ``tools`` lets the model call memory tools (see ``app.memory.tools``).
+    """
+
+    messages: list[ChatMessage] = Field(default_factory=list)
+    conversation_id: str | None = Field(default=None, pattern=CONVERSATION_ID_PATTERN)
+    user_id: str | None = Field(default=None, pattern=USER_ID_PATTERN)
+    memory: MemoryOptions = Field(default_factory=MemoryOptions)
+    tools: list[ToolName] = Field(default_factory=list, max_length=len(TOOL_NAMES))
+    tool_choice: ToolChoice = "auto"
+    max_tool_rounds: int = Field(default=2, ge=0, le=8)
+
+    @model_validator(mode="after")
+    def _memory_fields(self) -> ChatInput:
+        if not self.messages and self.conversation_id is None:
+            raise ValueError("messages must have at least 1 item (or give a conversation_id)")
+        if self.tools and self.conversation_id is None and self.user_id is None:
+            raise ValueError("tools need a conversation_id or a user_id (whose memory to use)")
+        if self.tool_choice not in ("auto", "none", "required") and (
+            self.tool_choice not in self.tools
+        ):
+            raise ValueError(f"tool_choice {self.tool_choice!r} is not one of tools")
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        return self
 
 
 class EmbedInput(_Strict):

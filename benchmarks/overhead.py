@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from benchmarks.stats import CpuMeter, pct, ratio, summary
 from benchmarks.work import GenCall, complete
 
 WAIT_S = 30.0  # one long-poll request's wait
+Cpu = dict[str, float | None]  # CPU seconds by process group
 
 
 def wait_done(client: httpx.Client, workflow_id: str, timeout_s: float = 300.0) -> dict[str, Any]:
@@ -78,18 +80,23 @@ def _alternate(i: int, a: Callable[[], None], b: Callable[[], None]) -> None:
 SEGMENTS = ("accept", "to_claim", "model", "worker_rest", "to_client")
 
 
-def step_overhead(stack: Stack, llm: Any, call: GenCall, n: int, warmup: int) -> dict[str, Any]:
+def step_overhead(
+    stack: Stack, llm: Any, call: GenCall, n: int, warmup: int, *, with_bare: bool = True
+) -> dict[str, Any]:
     """One ``generate`` step through the whole path against the same call on ``llm``.
 
     Corral: HTTP submit → commit → Redis → worker → llama.cpp → DB → long-poll read, timed
     by the client from the submit's first byte to the final state's last byte. Direct: the
     same ``create_completion`` on a ``Llama`` loaded in this process. Added latency is
-    Corral minus direct, per interleaved pair.
+    Corral minus direct, per interleaved pair. For scale, the same call as one bare Celery
+    task (``send_task`` → worker → Redis result backend → ``get``) is timed alongside.
     """
     key = stack.new_key("bench-step")
     spec = {"name": "bench-step", "steps": [call.step("gen", CHAT_MODEL)]}
     corral: list[float] = []
     direct: list[float] = []
+    bare_ms: list[float] = []
+    args = [dataclasses.asdict(call)]
     segments: dict[str, list[float]] = {s: [] for s in SEGMENTS}
     submit_ms: list[float] = []
 
@@ -120,6 +127,17 @@ def step_overhead(stack: Stack, llm: Any, call: GenCall, n: int, warmup: int) ->
             segments["worker_rest"].append((finished - started) * 1000 - model_ms)
             segments["to_client"].append((wall0 + (t2 - t0) - finished) * 1000)
 
+        def run_bare(record: bool) -> None:
+            t0 = time.perf_counter()
+            result = stack.bare_app.send_task(bare.GENERATE, args=args, queue=bare.QUEUE)
+            out = result.get(timeout=60)
+            elapsed = (time.perf_counter() - t0) * 1000
+            result.forget()
+            if out["usage"]["completion_tokens"] != call.max_tokens:
+                raise RuntimeError(f"bare task made {out['usage']} tokens")
+            if record:
+                bare_ms.append(elapsed)
+
         def run_direct(record: bool) -> None:
             t0 = time.perf_counter()
             out = complete(llm, call)
@@ -131,7 +149,11 @@ def step_overhead(stack: Stack, llm: Any, call: GenCall, n: int, warmup: int) ->
 
         for i in range(warmup + n):
             record = i >= warmup
-            _alternate(i, lambda: run_corral(record), lambda: run_direct(record))
+            runs = [partial(run_corral, record), partial(run_direct, record)]
+            if with_bare:
+                runs.append(partial(run_bare, record))
+            for fn in runs[i % len(runs) :] + runs[: i % len(runs)]:  # rotate the order
+                fn()
 
     added = [c - d for c, d in zip(corral, direct, strict=True)]
     return {
@@ -139,6 +161,10 @@ def step_overhead(stack: Stack, llm: Any, call: GenCall, n: int, warmup: int) ->
         "corral_ms": summary(corral),
         "direct_ms": summary(direct),
         "added_ms": summary(added),
+        "bare_celery_ms": summary(bare_ms),
+        "bare_celery_added_ms": summary([b - d for b, d in zip(bare_ms, direct, strict=True)])
+        if bare_ms
+        else {"n": 0},
         "submit_http_ms": summary(submit_ms),
         # Where Corral's time goes, from its own timestamps (contiguous, sum to the total):
         # accept = client send → step marked queued (API, before the commit);
@@ -175,13 +201,18 @@ class _Clients:
             client.close()
 
 
-def _corral_batch(stack: Stack, call: GenCall, n: int, concurrency: int) -> tuple[float, float]:
+def _corral_batch(stack: Stack, call: GenCall, n: int, concurrency: int) -> tuple[float, Cpu]:
     """Submit ``n`` one-step workflows over HTTP and wait for all; (seconds, CPU seconds)."""
     key = stack.new_key("bench-dispatch")
     spec = {"name": "bench-dispatch", "steps": [call.step("gen", CHAT_MODEL)]}
     clients = _Clients(stack, key)
     try:
-        with ThreadPoolExecutor(concurrency) as pool, CpuMeter(stack.pids("api", "worker")) as cpu:
+        with (
+            ThreadPoolExecutor(concurrency) as pool,
+            CpuMeter(stack.pids("api")) as api,
+            CpuMeter(stack.pids("worker")) as worker,
+            CpuMeter() as own,
+        ):
             t0 = time.perf_counter()
             ids = list(pool.map(lambda _: _submit(clients.get(), spec), range(n)))
             client = clients.get()
@@ -198,13 +229,13 @@ def _corral_batch(stack: Stack, call: GenCall, n: int, concurrency: int) -> tupl
         clients.close()
     if done != n:
         raise RuntimeError(f"{n - done} of {n} dispatch workflows did not succeed")
-    return elapsed, cpu.used_s or 0.0
+    return elapsed, {"api": api.used_s, "worker": worker.used_s, "client": own.used_s}
 
 
-def _bare_batch(stack: Stack, call: GenCall, n: int) -> tuple[float, float]:
+def _bare_batch(stack: Stack, call: GenCall, n: int) -> tuple[float, Cpu]:
     """``apply_async`` ``n`` bare tasks and collect every result; (seconds, CPU seconds)."""
     args = [dataclasses.asdict(call)]
-    with CpuMeter(stack.pids("bare")) as cpu:
+    with CpuMeter(stack.pids("bare")) as worker, CpuMeter() as own:
         t0 = time.perf_counter()
         results = [
             stack.bare_app.send_task(bare.GENERATE, args=args, queue=bare.QUEUE) for _ in range(n)
@@ -215,27 +246,37 @@ def _bare_batch(stack: Stack, call: GenCall, n: int) -> tuple[float, float]:
         r.forget()
     if any(o["usage"]["completion_tokens"] != call.max_tokens for o in outputs):
         raise RuntimeError("a bare task generated a different number of tokens")
-    return elapsed, cpu.used_s or 0.0
+    return elapsed, {"worker": worker.used_s, "client": own.used_s}
 
 
-def dispatch(
-    stack: Stack, call: GenCall, n: int, rounds: int, concurrency: int
-) -> dict[str, Any]:
+def _medians(values: dict[str, list[float]]) -> dict[str, float]:
+    return {k: round(statistics.median(v), 2) for k, v in values.items()}
+
+
+def dispatch(stack: Stack, call: GenCall, n: int, rounds: int, concurrency: int) -> dict[str, Any]:
     """Workflows per second against bare Celery tasks per second, same broker and workers."""
     corral_rate: list[float] = []
     bare_rate: list[float] = []
-    corral_cpu: list[float] = []
-    bare_cpu: list[float] = []
+    corral_cpu: dict[str, list[float]] = {}
+    bare_cpu: dict[str, list[float]] = {}
+
+    def record(into: dict[str, list[float]], cpu: Cpu) -> None:
+        total = 0.0
+        for name, used in cpu.items():
+            if used is not None:
+                into.setdefault(name, []).append(used * 1000 / n)
+                total += used
+        into.setdefault("total", []).append(total * 1000 / n)
 
     def one_corral() -> None:
         elapsed, cpu = _corral_batch(stack, call, n, concurrency)
         corral_rate.append(n / elapsed)
-        corral_cpu.append(cpu * 1000 / n)
+        record(corral_cpu, cpu)
 
     def one_bare() -> None:
         elapsed, cpu = _bare_batch(stack, call, n)
         bare_rate.append(n / elapsed)
-        bare_cpu.append(cpu * 1000 / n)
+        record(bare_cpu, cpu)
 
     for i in range(rounds):
         _alternate(i, one_corral, one_bare)
@@ -249,9 +290,10 @@ def dispatch(
         "bare_per_s": summary(bare_rate, 2),
         "ratio": ratio(c, b),
         "round_ratios": [ratio(x, y) for x, y in zip(corral_rate, bare_rate, strict=True)],
-        # CPU of the API and worker processes (Corral) or the bare worker, per workflow/task.
-        "corral_cpu_ms_per_item": summary(corral_cpu, 2),
-        "bare_cpu_ms_per_item": summary(bare_cpu, 2),
+        # CPU per workflow (task), ms, median over rounds: of Corral's API and worker
+        # processes or the bare worker, of this benchmark's client process, and in total.
+        "corral_cpu_ms_per_item": _medians(corral_cpu),
+        "bare_cpu_ms_per_item": _medians(bare_cpu),
     }
 
 
@@ -353,9 +395,7 @@ def submission(stack: Stack, n: int, concurrency: int, rounds: int) -> dict[str,
     key = stack.new_key("bench-submit")
     spec = {
         "name": "bench-submit",
-        "steps": [
-            {"id": "e", "kind": "embed", "model": IDLE_MODEL, "input": {"texts": ["hello"]}}
-        ],
+        "steps": [{"id": "e", "kind": "embed", "model": IDLE_MODEL, "input": {"texts": ["hello"]}}],
     }
     clients = _Clients(stack, key)
     rates: list[float] = []
@@ -368,7 +408,9 @@ def submission(stack: Stack, n: int, concurrency: int, rounds: int) -> dict[str,
     def one_corral() -> None:
         nonlocal refused
         with CpuMeter(stack.pids("api")) as cpu:
-            elapsed, lat, ok = _load(n, concurrency, lambda c: c.post("/v1/workflows", json=spec), clients)
+            elapsed, lat, ok = _load(
+                n, concurrency, lambda c: c.post("/v1/workflows", json=spec), clients
+            )
         rates.append(ok / elapsed)
         latencies.extend(lat)
         refused += n - ok
@@ -394,7 +436,9 @@ def submission(stack: Stack, n: int, concurrency: int, rounds: int) -> dict[str,
         "refused": refused,
         "api_cpu_ms_per_submit": summary(api_cpu, 2),
         "healthz_per_s": summary(floor_rates, 1),
-        "healthz_latency_ms": {**summary(floor_latencies), "p50": round(pct(floor_latencies, 50), 3)},
+        "healthz_latency_ms": {
+            **summary(floor_latencies),
+            "p50": round(pct(floor_latencies, 50), 3),
+        },
         "ratio_to_healthz": ratio(statistics.median(rates), statistics.median(floor_rates)),
     }
-

@@ -41,6 +41,11 @@ def _ms(s: dict[str, Any], key: str = "median") -> str:
     return f"{s[key]:.2f} ms"
 
 
+def _cpu(parts: dict[str, float]) -> str:
+    detail = " + ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "total")
+    return f"{parts.get('total', 0.0):.1f} ms ({detail})"
+
+
 def render(result: dict[str, Any], console: Console | None = None) -> None:
     """Print the figures, the targets and the machine."""
     console = console or Console()
@@ -59,7 +64,17 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
             _mark(met["step_added_median_ms"]),
         )
         parts = ", ".join(f"{k} {v:.2f}" for k, v in step["breakdown_median_ms"].items())
-        table.add_row("   where Corral's time goes (ms)", parts, "", "", "", "")
+        bare_row = step.get("bare_celery_ms", {})
+        table.add_row(
+            "   where Corral's time goes (ms)",
+            parts,
+            f"bare Celery task {_ms(bare_row)} (p95 {_ms(bare_row, 'p95')})"
+            if bare_row.get("n")
+            else "",
+            f"+{_ms(step['bare_celery_added_ms'])} for bare Celery" if bare_row.get("n") else "",
+            "",
+            "",
+        )
     if disp := figures.get("dispatch"):
         table.add_row(
             f"2. dispatch throughput (n={disp['n']}, {disp['workers']} workers)",
@@ -71,8 +86,8 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
         )
         table.add_row(
             "   CPU per workflow / task",
-            f"{disp['corral_cpu_ms_per_item']['median']:.2f} ms (API + worker)",
-            f"{disp['bare_cpu_ms_per_item']['median']:.2f} ms (worker)",
+            _cpu(disp["corral_cpu_ms_per_item"]),
+            _cpu(disp["bare_cpu_ms_per_item"]),
             "",
             "",
             "",
@@ -123,6 +138,5 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
             if k not in ("load_avg_start",) and v not in (None, [], "")
         )
     )
-    console.print(
-        f"load average at start {machine.get('load_avg_start')}, at end {result.get('load_avg_end')}"
-    )
+    start, end = machine.get("load_avg_start"), result.get("load_avg_end")
+    console.print(f"load average at start {start}, at end {end}")

@@ -63,6 +63,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: wide enough that the table stays readable
+        console = Console(width=170)
     if args.gpu_model is not None and args.gpu_device.isdigit():
         # Before llama.cpp initialises in this process: the direct side uses the same GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_device
@@ -129,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 figures["gpu"] = {
                     "run": True,
-                    **gpu_tokens(
-                        stack, gcall, args.gpu_n, args.gpu_bandwidth_gbs, machine.gpus()
-                    ),
+                    **gpu_tokens(stack, gcall, args.gpu_n, args.gpu_bandwidth_gbs, machine.gpus()),
                 }
             else:
                 figures["gpu"] = {

@@ -150,9 +150,7 @@ def _write_catalog(path: Path, gpu: GpuModel | None) -> Path:
     return path
 
 
-def start_stack(
-    *, workers: int = 2, log_level: str = "INFO", gpu: GpuModel | None = None
-) -> Stack:
+def start_stack(*, workers: int = 2, log_level: str = "INFO", gpu: GpuModel | None = None) -> Stack:
     """Start everything and wait until each worker pool has loaded its model."""
     exit_stack = ExitStack()
     work_dir = Path(tempfile.mkdtemp(prefix="corral-bench-"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,17 +81,20 @@ def tree_cpu_s(roots: Iterable[int]) -> float | None:
 
 
 class CpuMeter:
-    """CPU seconds a set of process trees uses between ``start`` and ``stop``."""
+    """CPU seconds used inside the block by process trees, or by this process alone."""
 
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = list(pids)
+    def __init__(self, pids: Sequence[int] | None = None) -> None:
+        self.pids = None if pids is None else list(pids)
         self._start: float | None = None
         self.used_s: float | None = None
 
+    def _now(self) -> float | None:
+        return time.process_time() if self.pids is None else tree_cpu_s(self.pids)
+
     def __enter__(self) -> CpuMeter:
-        self._start = tree_cpu_s(self.pids)
+        self._start = self._now()
         return self
 
     def __exit__(self, *_: object) -> None:
-        end = tree_cpu_s(self.pids)
+        end = self._now()
         self.used_s = None if end is None or self._start is None else end - self._start

@@ -42,7 +42,9 @@ def make_celery() -> Celery:
         task_default_queue=SYSTEM_QUEUE,
         task_create_missing_queues=True,
         task_track_started=False,
-        worker_send_task_events=True,
+        # Task events cost three Redis publishes per task; Flower turns them on while it
+        # watches (its periodic enable_events), so they are off otherwise.
+        worker_send_task_events=False,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
         # A broker blip must not kill a step mid-generation; its result goes to the DB.

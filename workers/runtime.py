@@ -36,7 +36,9 @@ class RunControl:
     stopped: str | None = None  # "timeout" | "cancelled" once the control stopped the model
     first_token_at: float | None = None
     tokens: int = 0  # tokens sampled so far in this call
-    _last_poll: float = field(default=0.0, repr=False)
+    # The first cancel poll comes poll_s after the start (a cancel before the claim is
+    # caught by the claim itself), so a short step makes no Redis round trip for it.
+    _last_poll: float = field(default_factory=time.monotonic, repr=False)
 
     def check(self) -> str | None:
         """Why the model must stop now, if it must."""
@@ -223,7 +225,7 @@ class LlamaCppRuntime:
         control.ignore_eos = bool(inp.get("ignore_eos"))
         grammar = None
         if inp.get("grammar"):  # GBNF that constrains the reply (memory tool calls)
-            from llama_cpp import LlamaGrammar
+            from llama_cpp.llama_grammar import LlamaGrammar
 
             grammar = LlamaGrammar.from_string(inp["grammar"], verbose=False)
         started = time.perf_counter()

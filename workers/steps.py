@@ -18,6 +18,7 @@ from app.engine import Dispatcher, StepWork
 from app.errors import StepCancelled, StepError
 from app.spec import INPUT_MODELS
 from workers.celery_app import celery_app
+from workers.memory import memory_chat, uses_memory
 from workers.runtime import ModelRuntime, RunControl
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def execute(work: StepWork, runtime: ModelRuntime) -> dict[str, Any]:
     _inject_fault(work)
     if work.kind == "generate":
         out = runtime.generate(params, control)
+    elif work.kind == "chat" and uses_memory(params):
+        out = memory_chat(work, runtime, params, control)
     elif work.kind == "chat":
         out = runtime.chat(params, control)
     else:

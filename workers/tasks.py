@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from app.core.config import get_settings
 from app.errors import ServiceUnavailable
+from app.memory import embedding
+from app.memory.service import get_memory
 from workers import process
 from workers.celery_app import STEP_TASK, celery_app
+from workers.runtime import RunControl
 from workers.steps import run_step
 
 
@@ -26,6 +32,35 @@ def run_step_task(self: Any, step_run_id: str, attempt: int) -> str:
         raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
     finally:
         process.set_busy(False)
+
+
+def _embedder() -> Callable[[list[str]], Any]:
+    """This worker's loaded embedding model as a function of texts (cut to fit)."""
+    runtime = process.get_runtime()
+
+    def embed(texts: list[str]) -> Any:
+        limit = runtime.n_ctx - 4
+        fitted = [embedding.fit_text(t, runtime.count_tokens, limit) for t in texts]
+        out = runtime.embed({"texts": fitted, "normalize": True}, RunControl())
+        return np.asarray(out["vectors"], dtype=np.float32)
+
+    return embed
+
+
+@celery_app.task(name=embedding.EMBED_TASK)  # type: ignore[untyped-decorator]
+def memory_embed_task() -> int:
+    """Embed messages waiting in conversation memory, in batches; returns how many."""
+    process.set_busy(True)
+    try:
+        return embedding.drain(get_memory(), _embedder())
+    finally:
+        process.set_busy(False)
+
+
+@celery_app.task(name=embedding.EMBED_QUERY_TASK)  # type: ignore[untyped-decorator]
+def memory_embed_query_task(reply_key: str, texts: list[str]) -> None:
+    """Embed query texts for a caller waiting on ``reply_key``."""
+    embedding.answer_query(get_memory(), reply_key, texts, _embedder())
 
 
 @celery_app.task(name="corral.reconcile")  # type: ignore[untyped-decorator]

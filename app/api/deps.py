@@ -6,12 +6,14 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from redis.exceptions import RedisError
 from sqlmodel import Session
 
 from app import db, keys
 from app.core.config import Settings, get_settings
 from app.engine import Dispatcher
-from app.errors import AuthError
+from app.errors import AuthError, ServiceUnavailable
+from app.memory.service import Memory, get_memory
 from app.notify import FinishedListener
 from app.tables import ApiKey
 from models.catalog import Catalog, load_catalog
@@ -46,9 +48,18 @@ def _finished(request: Request) -> FinishedListener:
     return listener
 
 
+def _memory() -> Iterator[Memory]:
+    """Conversation memory; Redis failures inside the route become a 503."""
+    try:
+        yield get_memory()
+    except (RedisError, OSError) as exc:
+        raise ServiceUnavailable(f"Redis is unavailable: {exc}") from exc
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 ApiKeyDep = Annotated[ApiKey, Depends(_api_key)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
 FinishedDep = Annotated[FinishedListener, Depends(_finished)]
+MemoryDep = Annotated[Memory, Depends(_memory)]

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api import errors
-from app.api.routes import gpus, health, models, workflows
+from app.api.routes import conversations, gpus, health, memory, metrics, models, workflows
 from app.dispatch import CeleryDispatcher
 from app.engine import Dispatcher
 from app.notify import FinishedListener
@@ -36,7 +36,10 @@ def create_app(dispatcher: Dispatcher | None = None) -> FastAPI:
     app.state.finished = FinishedListener()  # wakes long-polling reads
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(workflows.router)
     app.include_router(models.router)
     app.include_router(gpus.router)
+    app.include_router(conversations.router)
+    app.include_router(memory.router)
     return app

@@ -100,7 +100,6 @@ def run_worker(
             settings.log_level,
             "--without-gossip",
             "--without-mingle",
-            "-E",
         ]
     )
 

@@ -74,6 +74,30 @@ class Settings(BaseSettings):
     # inside the worker, through the real failure path. Empty (the default) disables it.
     fault_injection: str = ""
 
+    # Conversation memory (app/memory).
+    memory_ttl_s: int = Field(
+        default=30 * 86400, ge=1, description="a conversation's TTL, renewed on activity"
+    )
+    memory_max_ttl_s: int = Field(default=365 * 86400, ge=1)
+    memory_max_message_chars: int = Field(default=100_000, ge=1)
+    memory_block_limit: int = Field(default=2000, ge=1, description="a new block's char limit")
+    memory_max_block_limit: int = Field(default=20_000, ge=1)
+    memory_block_history: int = Field(default=50, ge=0, description="edits kept per block")
+    memory_embed_model: str = Field(
+        default="auto", description="'auto': the first embed model present; '' turns it off"
+    )
+    memory_embed_batch: int = Field(default=32, ge=1, le=256)
+    memory_embed_timeout_s: float = Field(default=10.0, gt=0, description="query embeddings")
+    memory_query_prefix: str = Field(default="", description="e.g. 'search_query: ' (nomic)")
+    memory_document_prefix: str = Field(default="", description="e.g. 'search_document: '")
+    memory_vector_index: Literal["auto", "scan", "redisearch"] = "auto"
+    memory_vector_cache_mb: int = Field(default=256, ge=0, description="scan index cache")
+    memory_summary_model: str = Field(
+        default="", description="'' summarises inline on the chat step's own model"
+    )
+    memory_summary_max_tokens: int = Field(default=256, ge=16)
+    memory_respond_timeout_s: float = Field(default=120.0, gt=0)
+
     @field_validator("data_dir", "models_dir", "catalog_path")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:

@@ -25,7 +25,7 @@ Op = Literal["put", "append", "replace", "delete"]
 
 
 def _now_ms(client: redis.Redis) -> int:
-    seconds, micros = cast(tuple[int, int], client.time())
+    seconds, micros = client.time()
     return seconds * 1000 + micros // 1000
 
 
@@ -38,7 +38,7 @@ class BlockStore:
         self.redis = client
         self.default_limit = default_limit
         self.max_limit = max_limit
-        self.history = history
+        self.history_max = history
 
     def _parse(self, name: str, raw: bytes | None) -> Block | None:
         if raw is None:
@@ -145,7 +145,9 @@ class BlockStore:
     def history(self, tenant: str, user_id: str, name: str, limit: int = 50) -> list[BlockEdit]:
         """The block's edits, newest first."""
         check_block_name(name)
-        raw = cast(list[bytes], self.redis.lrange(Keys(tenant).block_log(user_id, name), 0, limit - 1))
+        raw = cast(
+            list[bytes], self.redis.lrange(Keys(tenant).block_log(user_id, name), 0, limit - 1)
+        )
         out = []
         for item in raw:
             data = json.loads(item)
@@ -182,8 +184,7 @@ class BlockStore:
             if len(value) > block.limit:
                 raise SpecError.single(
                     ("value",) if op == "put" else ("args", "text"),
-                    f"block {name!r} would be {len(value)} characters; its limit is "
-                    f"{block.limit}",
+                    f"block {name!r} would be {len(value)} characters; its limit is {block.limit}",
                     "block_limit",
                 )
             now = _now_ms(self.redis)
@@ -209,9 +210,9 @@ class BlockStore:
                     "updated_at": now,
                 }
                 pipe.hset(blocks_key, name, json.dumps(stored))
-            if self.history:
+            if self.history_max:
                 pipe.lpush(log_key, json.dumps(edit))
-                pipe.ltrim(log_key, 0, self.history - 1)
+                pipe.ltrim(log_key, 0, self.history_max - 1)
             result[:] = [block.model_copy(update={"updated_at": from_ms(now)})]
 
         self.redis.transaction(txn, blocks_key)

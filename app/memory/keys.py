@@ -9,6 +9,7 @@ Everything a tenant (an API key) owns lives under ``corral:mem:{tenant}:``::
     corral:mem:{t}:conv:{cid}:moments          SET   seqs marked as key moments
     corral:mem:{t}:conv:{cid}:vec              STRING  scan index: records (int64 seq, f32[dim])
     corral:mem:{t}:conv:{cid}:vecbits          STRING  bitmap: seq has a vector
+    corral:mem:{t}:conv:{cid}:summarising      STRING  lock: a summary workflow is queued
     corral:mem:{t}:vec:{dim}:{cid}:{seq}       HASH  RediSearch index documents (when available)
     corral:mem:{t}:user:{uid}:convs            ZSET  the user's conversations → last activity
     corral:mem:{t}:user:{uid}:moments          ZSET  "cid:seq" → time, the user's key moments
@@ -42,6 +43,11 @@ _BLOCK_NAME = re.compile(BLOCK_NAME_PATTERN)
 def tenant_of(api_key_id: int | None) -> str:
     """The tenant a key's data lives under (``_`` for work submitted without a key)."""
     return str(api_key_id) if api_key_id is not None else "_"
+
+
+def key_id_of(tenant: str) -> int | None:
+    """The API key id of a tenant (None for ``_``)."""
+    return None if tenant == "_" else int(tenant)
 
 
 def check_user_id(user_id: str, loc: tuple[str | int, ...] = ("user_id",)) -> str:
@@ -97,6 +103,9 @@ class Keys:
 
     def vecbits(self, cid: str) -> str:
         return f"{self.base}:conv:{cid}:vecbits"
+
+    def summarising(self, cid: str) -> str:
+        return f"{self.base}:conv:{cid}:summarising"
 
     def conversation_keys(self, cid: str) -> list[str]:
         """Every key that lives and expires with a conversation (metadata first)."""

@@ -291,7 +291,7 @@ class ConversationStore:
         )
         return conv
 
-    def list(
+    def list_page(
         self, tenant: str, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
     ) -> tuple[list[Conversation], str | None]:
         """Conversations, most recently active first; expired ones are dropped on the way."""
@@ -412,7 +412,9 @@ class ConversationStore:
         self, tenant: str, cid: str, *, upto: int, summary: str, tokens: int, model: str
     ) -> bool:
         """Replace the rolling summary if it covers more than the stored one."""
-        done = int(self._set_summary(keys=[Keys(tenant).conv(cid)], args=[upto, summary, tokens, model]))
+        done = int(
+            self._set_summary(keys=[Keys(tenant).conv(cid)], args=[upto, summary, tokens, model])
+        )
         if done < 0:
             raise NotFoundError(f"no conversation {cid!r}")
         return done == 1

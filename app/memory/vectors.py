@@ -24,7 +24,8 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from typing import Literal, NamedTuple, Protocol, cast
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -86,9 +87,14 @@ def normalise(vectors: npt.ArrayLike) -> Vectors:
 
 
 def top_k(
-    cids: Sequence[str], seqs: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], k: int
+    cids: Sequence[str],
+    owner: npt.NDArray[np.intp],
+    seqs: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float32],
+    k: int,
 ) -> list[VectorHit]:
-    """The best ``k`` (score desc, then conversation id, then seq), exactly."""
+    """The best ``k`` rows (score desc, then conversation id, then seq), exactly; row ``i``
+    is message ``seqs[i]`` of conversation ``cids[owner[i]]``."""
     if len(scores) == 0 or k <= 0:
         return []
     if len(scores) > k:
@@ -97,8 +103,10 @@ def top_k(
         keep = np.nonzero(scores >= kth)[0]
     else:
         keep = np.arange(len(scores))
-    rows = sorted(keep.tolist(), key=lambda i: (-float(scores[i]), cids[i], int(seqs[i])))
-    return [VectorHit(cids[i], int(seqs[i]), float(scores[i])) for i in rows[:k]]
+    rows = sorted(
+        keep.tolist(), key=lambda i: (-float(scores[i]), cids[int(owner[i])], int(seqs[i]))
+    )
+    return [VectorHit(cids[int(owner[i])], int(seqs[i]), float(scores[i])) for i in rows[:k]]
 
 
 # KEYS: meta, vecbits, vec. ARGV: dim, n, then (seq, record) pairs.
@@ -128,40 +136,66 @@ def _record_dtype(dim: int) -> np.dtype[np.void]:
     return np.dtype([("seq", "<i8"), ("vec", "<f4", (dim,))])
 
 
-class _BlobCache:
-    """What this process already read of each conversation's vector string (LRU by bytes)."""
+@dataclass
+class _Decoded:
+    """A conversation's vectors as read so far: bytes consumed, seqs, unit vectors."""
+
+    nbytes: int
+    seqs: npt.NDArray[np.int64]
+    vecs: Vectors
+
+    @property
+    def size(self) -> int:
+        return int(self.seqs.nbytes + self.vecs.nbytes)
+
+
+class _VectorCache:
+    """What this process already read of each conversation's vectors (LRU by bytes). The
+    strings are append-only, so a cached prefix stays valid; only the tail is read."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.items: OrderedDict[str, bytes] = OrderedDict()
+        self.items: OrderedDict[str, _Decoded] = OrderedDict()
         self.size = 0
         self.lock = threading.Lock()
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str) -> _Decoded | None:
         with self.lock:
-            blob = self.items.get(key, b"")
-            if blob:
+            entry = self.items.get(key)
+            if entry is not None:
                 self.items.move_to_end(key)
-            return blob
+            return entry
 
-    def put(self, key: str, blob: bytes) -> None:
+    def put(self, key: str, entry: _Decoded) -> None:
         with self.lock:
-            self.size += len(blob) - len(self.items.pop(key, b""))
-            self.items[key] = blob
+            self.pop_locked(key)
+            if entry.size > self.max_bytes:
+                return
+            self.items[key] = entry
+            self.size += entry.size
             while self.size > self.max_bytes and self.items:
                 _, dropped = self.items.popitem(last=False)
-                self.size -= len(dropped)
+                self.size -= dropped.size
+
+    def pop(self, key: str) -> None:
+        with self.lock:
+            self.pop_locked(key)
+
+    def pop_locked(self, key: str) -> None:
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.size -= old.size
 
 
 class ScanIndex:
     """Exact cosine by scanning the user's vectors with NumPy (works on any Redis)."""
 
-    kind: Literal["scan"] = "scan"
+    kind: str = "scan"
 
     def __init__(self, client: redis.Redis, cache_bytes: int = 256 << 20) -> None:
         self.redis = client
         self._add = client.register_script(_SCAN_ADD)
-        self.cache = _BlobCache(cache_bytes)
+        self.cache = _VectorCache(cache_bytes)
 
     def add(
         self, tenant: str, conversation_id: str, user_id: str, seqs: Sequence[int], vectors: Vectors
@@ -186,33 +220,44 @@ class ScanIndex:
             return 0
         return max(added, 0)
 
-    def _load(
-        self, tenant: str, cids: Sequence[str], dim: int
-    ) -> list[tuple[str, npt.NDArray[np.void]]]:
+    def _load(self, tenant: str, cids: Sequence[str], dim: int) -> list[tuple[str, _Decoded]]:
         k = Keys(tenant)
         pipe = self.redis.pipeline(transaction=False)
         for cid in cids:
             pipe.strlen(k.vec(cid))
             pipe.hget(k.conv(cid), "vec_dim")
         sizes = pipe.execute()
-        todo: list[tuple[str, bytes, int]] = []
+        have: list[tuple[str, _Decoded | None, int]] = []
         for i, cid in enumerate(cids):
             size, vdim = int(sizes[2 * i]), sizes[2 * i + 1]
             if size and vdim is not None and int(vdim) == dim:
-                cached = self.cache.get(k.vec(cid))
-                todo.append((cid, cached if len(cached) <= size else b"", size))
+                entry = self.cache.get(k.vec(cid))
+                if entry is not None and (entry.nbytes > size or entry.vecs.shape[1] != dim):
+                    entry = None
+                have.append((cid, entry, size))
+        stale = [
+            (cid, entry, size) for cid, entry, size in have if not entry or entry.nbytes < size
+        ]
         pipe = self.redis.pipeline(transaction=False)
-        for cid, cached, size in todo:
-            pipe.getrange(k.vec(cid), len(cached), size - 1)
-        tails = pipe.execute() if todo else []
+        for cid, entry, size in stale:
+            pipe.getrange(k.vec(cid), entry.nbytes if entry else 0, size - 1)
+        tails = dict(zip([c for c, _, _ in stale], pipe.execute() if stale else [], strict=True))
         dtype = _record_dtype(dim)
         out = []
-        for (cid, cached, _size), tail in zip(todo, tails, strict=True):
-            blob = cached + tail if tail else cached
+        for cid, entry, _size in have:
+            tail = tails.get(cid, b"")
             if tail:
-                self.cache.put(k.vec(cid), blob)
-            usable = len(blob) - len(blob) % dtype.itemsize
-            out.append((cid, np.frombuffer(blob, dtype=dtype, count=usable // dtype.itemsize)))
+                whole = len(tail) - len(tail) % dtype.itemsize
+                records = np.frombuffer(tail, dtype=dtype, count=whole // dtype.itemsize)
+                seqs = records["seq"].astype(np.int64)
+                vecs = np.ascontiguousarray(records["vec"], dtype=np.float32)
+                if entry is not None:
+                    seqs = np.concatenate([entry.seqs, seqs])
+                    vecs = np.concatenate([entry.vecs, vecs])
+                entry = _Decoded((entry.nbytes if entry else 0) + whole, seqs, vecs)
+                self.cache.put(k.vec(cid), entry)
+            if entry is not None:
+                out.append((cid, entry))
         return out
 
     def search(
@@ -229,32 +274,35 @@ class ScanIndex:
         if conversation_ids is None:
             raw = cast(list[bytes], self.redis.zrange(Keys(tenant).user_convs(user_id), 0, -1))
             conversation_ids = [r.decode() for r in raw]
-        blocks = self._load(tenant, conversation_ids, q.shape[0])
-        if not blocks:
+        loaded = self._load(tenant, conversation_ids, q.shape[0])
+        if not loaded:
             return []
-        cids: list[str] = []
-        seq_parts, score_parts = [], []
         skip: dict[str, list[int]] = {}
         for cid, seq in exclude:
             skip.setdefault(cid, []).append(seq)
-        for cid, records in blocks:
-            seqs = records["seq"]
-            scores = records["vec"] @ q
+        cids: list[str] = []
+        owners, seq_parts, score_parts = [], [], []
+        for cid, entry in loaded:
+            seqs, scores = entry.seqs, entry.vecs @ q
             if cid in skip:
                 keep = ~np.isin(seqs, np.asarray(skip[cid], dtype=np.int64))
                 seqs, scores = seqs[keep], scores[keep]
-            cids += [cid] * len(seqs)
+            owners.append(np.full(len(seqs), len(cids), dtype=np.intp))
+            cids.append(cid)
             seq_parts.append(seqs)
             score_parts.append(scores)
         return top_k(
-            cids, np.concatenate(seq_parts), np.concatenate(score_parts).astype(np.float32), k
+            cids,
+            np.concatenate(owners),
+            np.concatenate(seq_parts),
+            np.concatenate(score_parts).astype(np.float32),
+            k,
         )
 
     def drop(self, tenant: str, conversation_id: str) -> None:
         k = Keys(tenant)
         self.redis.delete(k.vec(conversation_id), k.vecbits(conversation_id))
-        with self.cache.lock:
-            self.cache.size -= len(self.cache.items.pop(k.vec(conversation_id), b""))
+        self.cache.pop(k.vec(conversation_id))
 
 
 # KEYS: meta, vecbits, then one document key per vector. ARGV: dim, user, cid, n, (seq, vec)...
@@ -280,6 +328,10 @@ return added
 _TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")
 
 
+def _command(client: redis.Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def _tag(value: str) -> str:
     return _TAG_SPECIAL.sub(r"\\\1", value)
 
@@ -292,7 +344,7 @@ class RediSearchIndex:
     deletes that conversation's documents, and deleting a conversation deletes them too.
     """
 
-    kind: Literal["redisearch"] = "redisearch"
+    kind: str = "redisearch"
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -303,8 +355,8 @@ class RediSearchIndex:
         name = k.index_name(dim)
         if name not in self._indexes:
             try:
-                self.redis.execute_command(
-                    "FT.CREATE", name, "ON", "HASH", "PREFIX", 1, k.vec_doc_prefix(dim),
+                _command(
+                    self.redis, "FT.CREATE", name, "ON", "HASH", "PREFIX", 1, k.vec_doc_prefix(dim),
                     "SCHEMA", "user", "TAG", "conv", "TAG", "seq", "NUMERIC",
                     "vec", "VECTOR", "FLAT", 6, "TYPE", "FLOAT32", "DIM", dim,
                     "DISTANCE_METRIC", "COSINE",
@@ -358,8 +410,8 @@ class RediSearchIndex:
         while True:
             # Ask for enough that ties at the k-th score, exclusions and orphans still leave k.
             want = k + len(skip) + 16
-            raw = self.redis.execute_command(
-                "FT.SEARCH", name, f"({where})=>[KNN {want} @vec $q AS dist]",
+            raw = _command(
+                self.redis, "FT.SEARCH", name, f"({where})=>[KNN {want} @vec $q AS dist]",
                 "PARAMS", 2, "q", q.tobytes(), "SORTBY", "dist", "ASC",
                 "RETURN", 3, "conv", "seq", "dist", "LIMIT", 0, want, "DIALECT", 2,
             )  # fmt: skip
@@ -379,9 +431,10 @@ class RediSearchIndex:
             if not orphans or len(hits) >= k:
                 break
         cids = [h[0] for h in hits]
+        owner = np.arange(len(hits), dtype=np.intp)
         seqs = np.array([h[1] for h in hits], dtype=np.int64)
         scores = np.array([h[2] for h in hits], dtype=np.float32)
-        return top_k(cids, seqs, scores, k)
+        return top_k(cids, owner, seqs, scores, k)
 
     def drop(self, tenant: str, conversation_id: str) -> None:
         k = Keys(tenant)
@@ -408,7 +461,7 @@ def search_supported(client: redis.Redis) -> bool:
             version = module.get(b"ver", 0)
             return isinstance(version, int) and version >= MIN_SEARCH_VERSION
     try:
-        client.execute_command("FT._LIST")
+        _command(client, "FT._LIST")
     except ResponseError:
         return False
     return True

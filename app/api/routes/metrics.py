@@ -12,7 +12,7 @@ from sqlmodel import select
 
 from app import live
 from app.api.deps import CatalogDep, SessionDep
-from app.tables import StepRun, WorkflowRun
+from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 router = APIRouter(tags=["health"])
 
@@ -27,10 +27,10 @@ def metrics(session: SessionDep, catalog: CatalogDep) -> str:
     for status, n in session.exec(
         select(WorkflowRun.status, func.count()).group_by(WorkflowRun.status)
     ):
-        lines.append(f'corral_workflows{{status="{status.value}"}} {n}')
+        lines.append(f'corral_workflows{{status="{WorkflowStatus(status).value}"}} {n}')
     lines += ["# HELP corral_steps Step runs by status.", "# TYPE corral_steps gauge"]
     for status, n in session.exec(select(StepRun.status, func.count()).group_by(StepRun.status)):
-        lines.append(f'corral_steps{{status="{status.value}"}} {n}')
+        lines.append(f'corral_steps{{status="{StepStatus(status).value}"}} {n}')
     client = live.get_redis()
     workers = Counter(str(w.get("model")) for w in live.live_workers())
     lines += [

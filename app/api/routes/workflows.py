@@ -25,11 +25,14 @@ from app.api.deps import (
     SessionDep,
     SettingsDep,
 )
+from app.core.config import Settings
+from app.engine import Dispatcher
 from app.errors import ConflictError, NotFoundError, SpecError
 from app.schemas import WorkflowAccepted, WorkflowPage, WorkflowPublic, WorkflowSummary
 from app.spec import WorkflowSpec, validate_workflow
-from app.tables import StepRun, WorkflowRun, WorkflowStatus
+from app.tables import ApiKey, StepRun, WorkflowRun, WorkflowStatus
 from app.tokens import count_tokens
+from models.catalog import Catalog
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
@@ -84,12 +87,30 @@ async def submit_workflow(
     different body is a 409.
     """
     raw = await _read_body(request, settings.max_body_bytes)
+    # Validation, the database and the broker block: off the event loop, which keeps
+    # serving other requests (reads, long-polls) meanwhile.
+    return await run_in_threadpool(
+        _submit, raw, response, key, session, settings, catalog, dispatcher, idempotency_key
+    )
+
+
+def _submit(
+    raw: Any,
+    response: Response,
+    key: ApiKey,
+    session: Session,
+    settings: Settings,
+    catalog: Catalog,
+    dispatcher: Dispatcher,
+    idempotency_key: str | None,
+) -> WorkflowAccepted:
     request_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     if idempotency_key:
         earlier = engine.find_idempotent(session, key.id, idempotency_key)
         if earlier is not None:
             return _replay(earlier, request_hash, response)
-    validated = validate_workflow(raw, catalog, settings, count_tokens, live.pool_contexts())
+    contexts = live.pool_contexts(max_age_s=1.0)
+    validated = validate_workflow(raw, catalog, settings, count_tokens, contexts)
     try:
         run = engine.create_workflow(
             validated,

@@ -1,0 +1,126 @@
+"""A user's memory: blocks and their history, semantic search, key moments, memory tools.
+
+Blocks are shared by all of the user's conversations under this API key; the tools are
+the ones a model calls in a chat step, run here with ``source: api``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Query, Response
+
+from app.api.deps import ApiKeyDep, MemoryDep
+from app.errors import SpecError
+from app.memory import embedding, recall, tools
+from app.memory.keys import check_block_name, check_user_id, tenant_of
+from app.memory.schemas import Block, BlockEdit, BlockPut, Message, SearchHit, SearchRequest
+from app.memory.schemas import ToolRequest as ToolBody
+from app.memory.vectors import Vectors
+
+router = APIRouter(prefix="/v1/memory", tags=["memory"])
+
+
+@router.get("/{user_id}/blocks", response_model=list[Block])
+def list_blocks(user_id: str, key: ApiKeyDep, mem: MemoryDep) -> list[Block]:
+    """The user's memory blocks (``persona``, ``user``, ``project`` and any others)."""
+    check_user_id(user_id, ("path", "user_id"))
+    return list(mem.blocks.all(tenant_of(key.id), user_id).values())
+
+
+@router.get("/{user_id}/blocks/{name}", response_model=Block)
+def get_block(user_id: str, name: str, key: ApiKeyDep, mem: MemoryDep) -> Block:
+    """One block."""
+    check_user_id(user_id, ("path", "user_id"))
+    return mem.blocks.get(tenant_of(key.id), user_id, name)
+
+
+@router.put("/{user_id}/blocks/{name}", response_model=Block)
+def put_block(user_id: str, name: str, body: BlockPut, key: ApiKeyDep, mem: MemoryDep) -> Block:
+    """Set a block's value (creating it), optionally with a new character limit."""
+    check_user_id(user_id, ("path", "user_id"))
+    check_block_name(name, ("path", "name"))
+    return mem.blocks.put(
+        tenant_of(key.id),
+        user_id,
+        name,
+        body.value,
+        source="api",
+        limit=body.limit,
+        description=body.description,
+    )
+
+
+@router.delete("/{user_id}/blocks/{name}", status_code=204)
+def delete_block(user_id: str, name: str, key: ApiKeyDep, mem: MemoryDep) -> Response:
+    """Remove a block (a default one reads as empty afterwards)."""
+    check_user_id(user_id, ("path", "user_id"))
+    mem.blocks.delete(tenant_of(key.id), user_id, name, source="api")
+    return Response(status_code=204)
+
+
+@router.get("/{user_id}/blocks/{name}/history", response_model=list[BlockEdit])
+def block_history(
+    user_id: str,
+    name: str,
+    key: ApiKeyDep,
+    mem: MemoryDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[BlockEdit]:
+    """The block's edits, newest first: by whom (``api`` or ``model:…``), from what to what."""
+    check_user_id(user_id, ("path", "user_id"))
+    return mem.blocks.history(tenant_of(key.id), user_id, name, limit)
+
+
+@router.post("/{user_id}/search", response_model=list[SearchHit])
+def search_memory(
+    user_id: str, body: SearchRequest, key: ApiKeyDep, mem: MemoryDep
+) -> list[SearchHit]:
+    """The user's messages most similar to ``query`` (cosine), across conversations.
+
+    The query is embedded by the embedding model's pool; messages are searchable once
+    embedded (a conversation's ``embedded_count`` says how many are).
+    """
+    check_user_id(user_id, ("path", "user_id"))
+    return recall.search(
+        mem, tenant_of(key.id), user_id, body.query, body.k, conversation_id=body.conversation_id
+    )
+
+
+@router.get("/{user_id}/key-moments", response_model=list[Message])
+def key_moments(
+    user_id: str,
+    key: ApiKeyDep,
+    mem: MemoryDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+) -> list[Message]:
+    """Messages marked as key moments, newest mark first."""
+    check_user_id(user_id, ("path", "user_id"))
+    return mem.conversations.key_moments(tenant_of(key.id), user_id, limit)
+
+
+@router.post("/{user_id}/tools/{tool}")
+def call_tool(
+    user_id: str, tool: str, body: ToolBody, key: ApiKeyDep, mem: MemoryDep
+) -> dict[str, Any]:
+    """Run a memory tool as a model would (``recent_history``, ``semantic_search``,
+    ``key_moments``, ``enriched_context``, ``memory_append``, ``memory_replace``)."""
+    check_user_id(user_id, ("path", "user_id"))
+    if tool not in tools.ARGS:
+        raise SpecError.single(
+            ("path", "tool"), f"unknown tool {tool!r}; one of {', '.join(tools.ARGS)}", "tool"
+        )
+    tenant = tenant_of(key.id)
+    conv = None
+    if body.conversation_id:
+        conv = mem.conversations.get(tenant, body.conversation_id)
+        if conv.user_id != user_id:
+            raise SpecError.single(
+                ("body", "conversation_id"), "the conversation belongs to another user", "user"
+            )
+
+    def embed_query(text: str) -> Vectors:
+        return cast(Vectors, embedding.embed_queries(mem, [text])[0])
+
+    ctx = tools.ToolContext(mem, tenant, user_id, conv, "api", embed_query)
+    return tools.execute(ctx, tools.ToolCall(tool, body.args, ""))

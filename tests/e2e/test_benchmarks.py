@@ -1,0 +1,62 @@
+"""Smoke test of ``python -m benchmarks.run``: it runs end to end and reports every figure.
+
+Not a timed test: it asserts the shape of the report, never a number.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.core.config import PACKAGE_ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--step-n", "3", "--dispatch-n", "5", "--submit-n", "10"]
+    args += ["--fan-out-width", "4", "--workers", "1", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *args],
+        cwd=PACKAGE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    machine = result["machine"]
+    for key in ("cpu", "cores", "ram_gib", "python", "llama_cpp_python", "database", "date"):
+        assert machine[key], key
+    figures = result["figures"]
+    step = figures["step_overhead"]
+    assert step["n"] == 3
+    for key in ("corral_ms", "direct_ms", "added_ms", "bare_celery_ms"):
+        assert {"median", "p95"} <= step[key].keys(), key
+    assert set(step["breakdown_median_ms"]) == {
+        "accept",
+        "to_claim",
+        "model",
+        "worker_rest",
+        "to_client",
+    }
+    dispatch = figures["dispatch"]
+    assert dispatch["corral_per_s"]["median"] > 0 and dispatch["bare_per_s"]["median"] > 0
+    assert dispatch["ratio"] is not None
+    fan = figures["fan_out"]
+    assert fan["width"] == 4 and fan["ratio"] is not None
+    sub = figures["submission"]
+    assert sub["refused"] == 0
+    assert {"p50", "p99"} <= sub["latency_ms"].keys()
+    assert figures["gpu"] == {"run": False, "reason": "no --gpu-model given"}
+    assert set(result["targets_met"]) == {
+        "step_added_median_ms",
+        "dispatch_ratio",
+        "fan_out_ratio",
+    }
+    assert "step overhead" in done.stdout
