@@ -75,7 +75,14 @@ def test_submit_wait_prints_the_result(platform: Platform, tmp_path: Path) -> No
     }
     path = tmp_path / "wf.yaml"
     path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "CORRAL_API_URL": platform.url, "CORRAL_API_KEY": platform.key}
+    from app.core.config import settings_env
+
+    env = {**settings_env(platform.settings), "CORRAL_API_URL": platform.url}
+    env["CORRAL_API_KEY"] = platform.key
+    status = corral("status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "redis     ok" in status.stdout
+    assert "tiny-chat" in status.stdout
     ok = corral("submit", str(path), "--wait", env=env)
     assert ok.returncode == 0, ok.stderr
     assert "succeeded" in ok.stdout and "hello" in ok.stdout

@@ -250,6 +250,14 @@ def print_run(run: dict[str, Any]) -> None:
 
 
 @app.command()
+def status() -> None:
+    """Redis, the database, live pools and queue lengths per model, workflows by status."""
+    from app.cli.views import print_status
+
+    raise typer.Exit(print_status(console))
+
+
+@app.command()
 def gpus() -> None:
     """GPUs, their reservations and free memory, and pools waiting for room."""
     from app.cli.views import print_gpus

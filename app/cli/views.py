@@ -1,12 +1,21 @@
-"""Tables the CLI prints: GPUs, reservations, pending placements."""
+"""Tables the CLI prints: status, GPUs, reservations, pending placements."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import func
+from sqlmodel import select
 
+from app import db, live
 from app.api.routes.gpus import gpus_view
+from app.core.config import get_settings
+from app.errors import CorralError
 from app.scheduler.inventory import format_bytes
+from app.tables import WorkflowRun
+from models.catalog import load_catalog
 
 
 def print_gpus(console: Console) -> None:
@@ -51,3 +60,39 @@ def print_gpus(console: Console) -> None:
         console.print(waiting)
     else:
         console.print("no pool is waiting for room")
+
+
+def print_status(console: Console) -> int:
+    """`corral status`: 0 when Redis and the database answer, 1 otherwise."""
+    ok = True
+    for name, probe in (("redis", live.ping), ("database", db.ping)):
+        try:
+            probe()
+            console.print(f"{name:9} ok")
+        except CorralError as exc:
+            ok = False
+            console.print(f"{name:9} [red]{exc}[/red]")
+    if not ok:
+        return 1
+    settings = get_settings()
+    workers = Counter(str(w.get("model")) for w in live.live_workers())
+    client = live.get_redis()
+    table = Table(title="models")
+    for col in ("model", "kind", "file", "workers", "queued"):
+        table.add_column(col)
+    for e in load_catalog(settings.catalog_path).entries:
+        present = (settings.models_path / e.file).is_file()
+        table.add_row(
+            e.name,
+            e.kind,
+            "present" if present else "-",
+            str(workers.get(e.name, 0)),
+            str(client.llen(f"model.{e.name}")),
+        )
+    console.print(table)
+    with db.session_scope() as session:
+        counts = session.exec(
+            select(WorkflowRun.status, func.count()).group_by(WorkflowRun.status)
+        ).all()
+    console.print("workflows " + (", ".join(f"{s}: {n}" for s, n in counts) or "none yet"))
+    return 0
