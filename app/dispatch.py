@@ -44,7 +44,11 @@ class CeleryDispatcher:
             )
         finally:
             if sent:
-                engine.mark_dispatched(sent, self._without_pool(dispatches, sent))
+                # Conditional on the attempt sent: never marks a later retry that was not.
+                attempts = {d.step_run_id: d.attempt for d in dispatches if d.step_run_id in sent}
+                engine.mark_dispatched(
+                    sent, self._without_pool(dispatches, sent), attempts=attempts
+                )
 
     @staticmethod
     def _without_pool(dispatches: Sequence[Dispatch], sent: list[str]) -> list[str]:

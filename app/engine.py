@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -114,8 +114,9 @@ def _locked(
                 raise _StepGone(f"no step run {step_run_id!r}")
             workflow_id, step_id = found
         db.lock_workflow(session, workflow_id)
-        # The spec is immutable and cached per process (see _step_spec): not read here.
-        workflow = session.get(WorkflowRun, workflow_id, options=[defer(WorkflowRun.spec)])  # type: ignore[arg-type]
+        # The spec never changes: when this process has it parsed already, skip the column.
+        cached = [defer(WorkflowRun.spec)] if workflow_id in _SPECS else []  # type: ignore[arg-type]
+        workflow = session.get(WorkflowRun, workflow_id, options=cached)
         if workflow is None:
             raise NotFoundError(f"no workflow {workflow_id!r}")
         tx = _Tx(session, workflow, step_id=step_id)
@@ -207,7 +208,7 @@ def _spec_steps(tx: _Tx) -> dict[str, dict[str, Any]]:
         if steps is not None:
             _SPECS.move_to_end(wid)
             return steps
-    steps = {step["id"]: step for step in tx.workflow.spec["steps"]}  # loads the column
+    steps = {step["id"]: step for step in tx.workflow.spec["steps"]}  # loads it if deferred
     with _specs_lock:
         _SPECS[wid] = steps
         while len(_SPECS) > _SPECS_MAX:
@@ -336,11 +337,13 @@ def _claim(step_run_id: str, attempt: int) -> StepWork | None:
             timeout_s=spec.get("timeout_s"),
             queued_ms=queued_ms,
         )
-        try:
-            work.input = render_value(spec["input"], _context(tx, steps))
-        except (TemplateError, TypeError, ValueError) as exc:
-            work.input_error = f"input template failed to render: {exc}"
-        return work
+        context = _context(tx, steps)
+    # Rendered after the commit, outside the lock: what it reads no longer changes.
+    try:
+        work.input = render_value(spec["input"], context)
+    except (TemplateError, TypeError, ValueError) as exc:
+        work.input_error = f"input template failed to render: {exc}"
+    return work
 
 
 def complete_step(
@@ -413,20 +416,32 @@ def note_cancelled(step_run_id: str, attempt: int, detail: str) -> None:
             step.error = detail
 
 
-def mark_dispatched(step_run_ids: Sequence[str], no_pool: Sequence[str] = ()) -> None:
+def mark_dispatched(
+    step_run_ids: Sequence[str],
+    no_pool: Sequence[str] = (),
+    *,
+    attempts: Mapping[str, int] | None = None,
+) -> None:
     """Record that these steps' tasks reached the broker (the reconciler resends the rest).
 
     Those in ``no_pool`` wait on a queue no worker consumes yet: ``waiting_for_pool``
-    until a pool for their model claims them.
+    until a pool for their model claims them. With ``attempts`` (step run id: the attempt
+    sent), a row is marked only while that send is still its latest (``attempts`` one
+    less), so a late mark never covers a retry that has not reached the broker.
     """
+    by_attempt: dict[int | None, list[str]] = {}
+    for sid in step_run_ids:
+        by_attempt.setdefault(attempts.get(sid) if attempts else None, []).append(sid)
     with db.session_scope(write=True) as session:
         # Set-based UPDATEs: no rows are loaded (this runs once per send, on the hot path).
-        session.exec(
-            update(StepRun)
-            .where(StepRun.id.in_(step_run_ids))  # type: ignore[attr-defined]
-            .values(dispatched_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
+        now = utcnow()
+        for attempt, ids in by_attempt.items():
+            query = update(StepRun).where(StepRun.id.in_(ids))  # type: ignore[attr-defined]
+            if attempt is not None:
+                query = query.where(StepRun.attempts == attempt - 1)  # type: ignore[arg-type]
+            session.exec(
+                query.values(dispatched_at=now).execution_options(synchronize_session=False)
+            )
         if no_pool:
             session.exec(
                 update(StepRun)

@@ -60,7 +60,7 @@ def generate(call: dict[str, Any]) -> dict[str, Any]:
     return {"text": out["choices"][0]["text"], "usage": out["usage"]}
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _load(**_: Any) -> None:
     path = os.environ.get(MODEL_ENV)
     if path:

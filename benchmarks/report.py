@@ -140,3 +140,81 @@ def render(result: dict[str, Any], console: Console | None = None) -> None:
     )
     start, end = machine.get("load_avg_start"), result.get("load_avg_end")
     console.print(f"load average at start {start}, at end {end}")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The same figures as a Markdown table (what the README shows), with the machine."""
+    figures: dict[str, Any] = result["figures"]
+    met = verdicts(figures)
+    yes = {True: "met", False: "**missed**", None: ""}
+    rows = [
+        "| figure | Corral | baseline | result | target |",
+        "|---|---|---|---|---|",
+    ]
+    if step := figures.get("step_overhead"):
+        c, d, a = step["corral_ms"], step["direct_ms"], step["added_ms"]
+        rows.append(
+            f"| 1. step overhead: one `generate` step, submit → result (n={step['n']}) "
+            f"| {c['median']:.1f} ms (p95 {c['p95']:.1f}) "
+            f"| llama.cpp direct {d['median']:.1f} ms (p95 {d['p95']:.1f}) "
+            f"| **+{a['median']:.1f} ms** added (p95 +{a['p95']:.1f}) "
+            f"| < 5 ms: {yes[met['step_added_median_ms']]} |"
+        )
+        if step.get("bare_celery_ms", {}).get("n"):
+            b, ba = step["bare_celery_ms"], step["bare_celery_added_ms"]
+            rows.append(
+                f"| … the same call as one bare Celery task (send → result) | "
+                f"| {b['median']:.1f} ms (p95 {b['p95']:.1f}) "
+                f"| +{ba['median']:.1f} ms added (p95 +{ba['p95']:.1f}) | |"
+            )
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in step["breakdown_median_ms"].items())
+        rows.append(f"| … where Corral's time goes (median ms) | {parts} | | | |")
+    if disp := figures.get("dispatch"):
+        cc, bc = disp["corral_cpu_ms_per_item"], disp["bare_cpu_ms_per_item"]
+        rows.append(
+            f"| 2. dispatch throughput: {disp['n']} one-step workflows, "
+            f"{disp['workers']} worker processes "
+            f"| {disp['corral_per_s']['median']:.1f} workflows/s "
+            f"| bare Celery {disp['bare_per_s']['median']:.1f} tasks/s "
+            f"| **{disp['ratio']:.2f}×** | ≥ 0.8×: {yes[met['dispatch_ratio']]} |"
+        )
+        rows.append(
+            f"| … CPU per workflow / task (ms) | {_cpu(cc)} | {_cpu(bc)} "
+            f"| +{cc.get('total', 0) - bc.get('total', 0):.1f} ms | |"
+        )
+    if fan := figures.get("fan_out"):
+        rows.append(
+            f"| 3. fan-out 1 → {fan['width']} → 1 ({fan['workers']} worker processes) "
+            f"| {fan['corral_ms']['median']:.0f} ms | bare chain + chord "
+            f"{fan['bare_ms']['median']:.0f} ms | **{fan['ratio']:.2f}×** "
+            f"| ≤ 1.2×: {yes[met['fan_out_ratio']]} |"
+        )
+    if sub := figures.get("submission"):
+        lat, floor = sub["latency_ms"], sub["healthz_latency_ms"]
+        rows.append(
+            f"| 4. submission API, {sub['concurrency']} concurrent clients "
+            f"| {sub['accepted_per_s']['median']:.0f} accepted/s, p50 {lat['p50']:.1f} ms, "
+            f"p99 {lat['p99']:.1f} ms | `GET /healthz` {sub['healthz_per_s']['median']:.0f}/s, "
+            f"p50 {floor['p50']:.1f} ms, p99 {floor['p99']:.1f} ms "
+            f"| {sub['ratio_to_healthz']:.2f}× the HTTP floor | |"
+        )
+    gpu = figures.get("gpu") or {}
+    if gpu.get("run"):
+        rows.append(
+            f"| 5. GPU decode tokens/s, {gpu['model']} "
+            f"| {gpu['corral_decode_tok_s']['median']:.0f} "
+            f"| direct {gpu['direct_decode_tok_s']['median']:.0f}; ceiling "
+            f"{gpu.get('ceiling_tok_s') or 'unknown'} | {gpu['decode_ratio']:.2f}× | |"
+        )
+    else:
+        rows.append(f"| 5. GPU tokens/s | not run: {gpu.get('reason', '')} | | | |")
+    m = result["machine"]
+    machine = (
+        f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM"
+        + (f", {'; '.join(m['gpus'])}" if m.get("gpus") else ", no GPU")
+        + f"; {m['os']}; Python {m['python']}, llama-cpp-python {m['llama_cpp_python']}, "
+        f"Celery {m['celery']}, {m['database']}, Redis {m['redis']}; "
+        f"load average {m.get('load_avg_start')} at the start, {result.get('load_avg_end')} "
+        f"at the end; {m['date']}"
+    )
+    return "\n".join(rows) + f"\n\nMachine: {machine}.\n"

@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
-from benchmarks.report import TARGETS, render, verdicts
+from benchmarks.report import TARGETS, markdown, render, verdicts
 
 FIGURES = ("step_overhead", "dispatch", "fan_out", "submission", "gpu")
 
@@ -28,6 +28,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a short pass (small N, one round)")
     p.add_argument("--json", type=Path, help="write every figure and the machine here")
+    p.add_argument("--markdown", type=Path, help="write the table as Markdown here")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(FIGURES)}")
     p.add_argument("--workers", type=int, default=2, help="worker processes, both sides")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens each step generates")
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {args.json}")
+    if args.markdown:
+        args.markdown.write_text(markdown(result))
+        console.print(f"wrote {args.markdown}")
     return 0
 
 

@@ -13,6 +13,7 @@ utilisation (reserved / total, averaged over the second half of the run).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import random
@@ -65,6 +66,16 @@ def synthetic_model(name: str, size: int) -> SimModel:
     return SimModel(name, est, split=size > 40 * GIB)
 
 
+def resplit(m: SimModel, split: tuple[int, ...]) -> MemoryEstimate:
+    return estimate(
+        m.est.shape,
+        m.est.n_ctx,
+        flash_attention=True,
+        overhead_bytes=m.est.overhead_bytes,
+        split=split,
+    )
+
+
 def cluster(rng: random.Random) -> list[GpuInfo]:
     gpus = []
     for h in range(HOSTS):
@@ -105,13 +116,7 @@ def run_policy(
                 gpus=candidates,
                 policy=policy,
                 split_allowed=m.split,
-                estimate_split=lambda s, m=m: estimate(
-                    m.est.shape,
-                    m.est.n_ctx,
-                    flash_attention=True,
-                    overhead_bytes=m.est.overhead_bytes,
-                    split=s,
-                ),
+                estimate_split=functools.partial(resplit, m),
             )
             latencies.append((time.perf_counter() - started) * 1000)
             if isinstance(result, Placement):

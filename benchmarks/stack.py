@@ -47,6 +47,11 @@ class GpuModel:
     n_ctx: int = 4096
     device: str = "0"  # `corral worker --gpu`: a GPU index ('none' runs the path on CPU)
 
+    @property
+    def file_name(self) -> str:
+        """Its name in the benchmark's models directory (never one of the tiny models')."""
+        return f"bench-gpu-{self.path.name}"
+
 
 @dataclass
 class Stack:
@@ -141,7 +146,7 @@ def _write_catalog(path: Path, gpu: GpuModel | None) -> Path:
                 "name": GPU_MODEL,
                 "kind": "chat",
                 "description": f"benchmark model {gpu.path.name}",
-                "file": gpu.path.name,
+                "file": gpu.file_name,
                 "context_length": context,
                 "n_ctx": min(gpu.n_ctx, context),
             }
@@ -166,14 +171,14 @@ def start_stack(*, workers: int = 2, log_level: str = "INFO", gpu: GpuModel | No
         models_dir = work_dir / "models"
         make_tiny(models_dir)
         if gpu is not None:
-            (models_dir / gpu.path.name).symlink_to(gpu.path.resolve())
+            (models_dir / gpu.file_name).symlink_to(gpu.path.resolve())
         settings = Settings(
             database_url=database_url,
             redis_url=redis_url,
             models_dir=models_dir,
             data_dir=work_dir / "data",
             catalog_path=_write_catalog(work_dir / "catalog.yaml", gpu),
-            log_level=log_level,  # type: ignore[arg-type]
+            log_level=log_level,
         )
         upgrade(settings.sqlalchemy_url)
         load_catalog(settings.catalog_path)  # fail here, not in a child, if it is invalid

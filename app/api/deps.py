@@ -34,16 +34,24 @@ def _api_key(request: Request, session: Annotated[Session, Depends(_session)]) -
     return row
 
 
-def _catalog(settings: Annotated[Settings, Depends(get_settings)]) -> Catalog:
-    return load_catalog(settings.catalog_path)
+# The dependencies below never block, so they are ``async``: FastAPI runs a plain ``def``
+# dependency in its thread pool, a hop that costs more than these bodies.
 
 
-def _dispatcher(request: Request) -> Dispatcher:
+async def _settings() -> Settings:
+    return get_settings()
+
+
+async def _catalog(settings: Annotated[Settings, Depends(_settings)]) -> Catalog:
+    return load_catalog(settings.catalog_path)  # cached: a stat() unless the file changed
+
+
+async def _dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 
 
-def _finished(request: Request) -> FinishedListener:
+async def _finished(request: Request) -> FinishedListener:
     listener: FinishedListener = request.app.state.finished
     return listener
 
@@ -56,7 +64,7 @@ def _memory() -> Iterator[Memory]:
         raise ServiceUnavailable(f"Redis is unavailable: {exc}") from exc
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 ApiKeyDep = Annotated[ApiKey, Depends(_api_key)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
