@@ -59,6 +59,10 @@ def make_celery() -> Celery:
         # The beat schedule is data: stable entry names, intervals from the settings.
         beat_schedule={
             "corral.reconcile": {"task": "corral.reconcile", "schedule": settings.reconcile_s},
+            "corral.memory.sweep": {
+                "task": "corral.memory.sweep",
+                "schedule": settings.reconcile_s,
+            },
         },
     )
     return app

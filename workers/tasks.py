@@ -73,3 +73,16 @@ def reconcile_task() -> int:
     if pending:
         CeleryDispatcher(celery_app).send(pending)
     return len(pending)
+
+
+@celery_app.task(name="corral.memory.sweep")  # type: ignore[untyped-decorator]
+def memory_sweep_task() -> int:
+    """Re-kick embedding when messages wait and no embed task is on its way (a lost task)."""
+    from app.memory.embedding import kick, pending_count
+    from app.memory.service import get_memory
+
+    mem = get_memory()
+    waiting = pending_count(mem)
+    if waiting:
+        kick(mem)
+    return waiting

@@ -44,3 +44,36 @@ def test_drain_embeds_queued_messages_in_batches(
     mem.conversations.append(tenant, conv, [NewMessage("user", "one more")])
     drain(mem, embed, batches=10_000)
     assert mem.conversations.get(tenant, conv.id).embedded_count == 71
+
+
+def test_beat_sweep_rekicks_a_lost_embedding_task(mem: Memory, tenant: str, platform) -> None:  # type: ignore[no-untyped-def]
+    """Messages queued with no embed task on its way are embedded after beat's sweep."""
+    import subprocess
+    import sys
+    import time
+
+    from app.core.config import settings_env
+    from app.memory.keys import EMBED_KICK
+
+    conv = mem.conversations.create(tenant, uuid.uuid4().hex, "u1", ttl_s=600)
+    # Appended straight into the store: queued for embedding, but no task is sent (as if
+    # the kick's message had been lost).
+    mem.redis.delete(EMBED_KICK)
+    mem.conversations.append(tenant, conv, [NewMessage("user", "the lost embedding")])
+    time.sleep(1.0)
+    assert pending_count(mem) >= 1
+    assert mem.conversations.get(tenant, conv.id).embedded_count == 0
+    sweep = subprocess.run(
+        [sys.executable, "-c", "from workers.tasks import memory_sweep_task as t; print(t())"],
+        env=settings_env(platform.settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert sweep.returncode == 0, sweep.stderr
+    assert int(sweep.stdout.strip().splitlines()[-1]) >= 1
+    deadline = time.monotonic() + 30
+    while mem.conversations.get(tenant, conv.id).embedded_count < 1:
+        assert time.monotonic() < deadline, "the platform's tiny-embed pool never embedded it"
+        time.sleep(0.1)
