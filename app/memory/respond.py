@@ -13,7 +13,7 @@ from app.engine import Dispatcher
 from app.errors import SpecError
 from app.memory.schemas import Conversation, MessageAppended, RespondOptions
 from app.memory.service import Memory
-from app.spec import validate_workflow
+from app.spec import SamplingParams, validate_workflow
 from app.tables import StepRun, WorkflowRun
 from app.tokens import count_tokens
 from models.catalog import Catalog
@@ -23,9 +23,7 @@ POLL_S = 0.05
 
 def reply_spec(conv: Conversation, upto: int, opts: RespondOptions, model: str) -> dict[str, Any]:
     """The workflow that answers message ``upto`` of ``conv`` on ``model``."""
-    sampling = opts.model_dump(
-        include={"max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "seed", "stop"}
-    )
+    sampling = opts.model_dump(include=set(SamplingParams.model_fields))
     memory = opts.memory.model_dump(exclude_defaults=True) | {"upto": upto}
     step_input: dict[str, Any] = {
         "conversation_id": conv.id,

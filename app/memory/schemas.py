@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.memory.keys import USER_ID_PATTERN
 from app.memory.options import MemoryOptions, ToolChoice, ToolName
+from app.spec import SamplingParams
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -126,19 +127,12 @@ class ConversationUpdate(_Strict):
     metadata: dict[str, Any] | None = None
 
 
-class RespondOptions(_Strict):
-    """Run a chat step on the conversation after the append."""
+class RespondOptions(SamplingParams):
+    """Run a chat step on the conversation after the append (sampling as in a chat step)."""
 
     model: str | None = Field(default=None, description="default: the conversation's model")
     wait: bool = Field(default=True, description="wait for the reply (else: the workflow id)")
     timeout_s: float | None = Field(default=None, gt=0, description="how long to wait")
-    max_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.8, ge=0, le=5)
-    top_p: float = Field(default=0.95, gt=0, le=1)
-    top_k: int = Field(default=40, ge=0)
-    repeat_penalty: float = Field(default=1.0, gt=0)
-    seed: int | None = Field(default=None, ge=0, lt=2**32)
-    stop: list[str] = Field(default_factory=list, max_length=16)
     memory: MemoryOptions = Field(default_factory=MemoryOptions)
     tools: list[ToolName] = Field(default_factory=list)
     tool_choice: ToolChoice = "auto"
