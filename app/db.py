@@ -1,9 +1,9 @@
 """Database engine and transactions: PostgreSQL through psycopg 3, SQLite as the embedded default.
 
-Workflow state changes run in :func:`write_transaction`, which serialises writers of one
-workflow: ``SELECT ... FOR UPDATE`` on the workflow row in PostgreSQL, ``BEGIN IMMEDIATE``
-(the database write lock) in SQLite. That is what makes "enqueue each ready step exactly
-once" hold when two parents finish at the same moment.
+Workflow state changes run in ``session_scope(write=True)``; the engine serialises writers
+of one workflow with ``SELECT ... FOR UPDATE`` on the workflow row in PostgreSQL, and
+``BEGIN IMMEDIATE`` (the database write lock) does it in SQLite. That is what makes
+"enqueue each ready step exactly once" hold when two parents finish at the same moment.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def dispose_engines() -> None:
 def session_scope(*, write: bool = False) -> Iterator[Session]:
     """A session that commits at the end of the block, rolls back on error.
 
-    ``write=True`` for transactions that change workflow state (see :func:`lock_workflow`).
+    ``write=True`` for transactions that change workflow state.
     """
     engine = get_engine(write=write)
     gate = _writer_gate(engine) if write else None
@@ -180,15 +180,6 @@ def _writer_gate(engine: Engine) -> _WriterGate | None:
         if gate is None:
             gate = _gates[key] = _WriterGate(key[0] + "-writers.lock")
         return gate
-
-
-def lock_workflow(session: Session, workflow_id: str) -> None:
-    """Serialise writers of one workflow for the rest of the transaction."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text("SELECT id FROM workflow_run WHERE id = :id FOR UPDATE"), {"id": workflow_id}
-        )
-    # SQLite: BEGIN IMMEDIATE already holds the database's single write lock.
 
 
 def ping() -> None:

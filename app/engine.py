@@ -16,13 +16,13 @@ from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, Protocol
 
 from jinja2 import TemplateError
-from sqlalchemy import update
+from sqlalchemy import and_, or_, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.orm import defer
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app import db, notify
 from app.errors import ConflictError, NotFoundError
@@ -32,7 +32,7 @@ from app.templating import evaluate, render_value
 
 log = logging.getLogger(__name__)
 
-_SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
+SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
 
 
 @dataclass(frozen=True)
@@ -102,30 +102,41 @@ class _StepGone(NotFoundError):
 def _locked(
     workflow_id: str | None, dispatcher: Dispatcher | None, *, step_run_id: str | None = None
 ) -> Iterator[_Tx]:
-    # Given a step instead of a workflow, find the step's workflow in this same transaction
-    # (workflow_id never changes, so reading it before the lock is safe).
-    step_id = None
+    # One statement finds the workflow (by id, or through the step a task names) and locks
+    # its row: FOR UPDATE OF workflow_run on PostgreSQL; on SQLite the write transaction's
+    # BEGIN IMMEDIATE already holds the database's write lock. The spec column is read only
+    # when this process has not parsed that workflow's spec yet (see _spec_steps).
+    deferred = defer(WorkflowRun.spec)  # type: ignore[arg-type]
     with db.session_scope(write=True) as session:
+        step_id: str | None = None
+        workflow: WorkflowRun | None
         if workflow_id is None:
             found = session.exec(
-                select(StepRun.workflow_id, StepRun.step_id).where(StepRun.id == step_run_id)
+                select(WorkflowRun, StepRun.step_id)
+                .options(deferred)
+                .join(StepRun, col(StepRun.workflow_id) == col(WorkflowRun.id))
+                .where(StepRun.id == step_run_id)
+                .with_for_update(of=WorkflowRun)
             ).first()
             if found is None:
                 raise _StepGone(f"no step run {step_run_id!r}")
-            workflow_id, step_id = found
-        db.lock_workflow(session, workflow_id)
-        # The spec never changes: when this process has it parsed already, skip the column.
-        cached = [defer(WorkflowRun.spec)] if workflow_id in _SPECS else []  # type: ignore[arg-type]
-        workflow = session.get(WorkflowRun, workflow_id, options=cached)
-        if workflow is None:
-            raise NotFoundError(f"no workflow {workflow_id!r}")
+            workflow, step_id = found
+        else:
+            workflow = session.exec(
+                select(WorkflowRun)
+                .options(deferred)
+                .where(WorkflowRun.id == workflow_id)
+                .with_for_update()
+            ).first()
+            if workflow is None:
+                raise NotFoundError(f"no workflow {workflow_id!r}")
         tx = _Tx(session, workflow, step_id=step_id)
         was_terminal = workflow.status.terminal
         yield tx
     if tx.dispatches and dispatcher is not None:
         dispatcher.send(tx.dispatches)
     if tx.workflow.status.terminal and not was_terminal:
-        notify.publish_finished(workflow_id)  # wakes long-polling readers (after the commit)
+        notify.publish_finished(tx.workflow.id)  # wakes long-polling readers (after the commit)
 
 
 def create_workflow(
@@ -194,26 +205,42 @@ def _context(tx: _Tx, steps: dict[str, StepRun]) -> dict[str, Any]:
     }
 
 
-_SPECS: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()  # workflow id: steps
+@dataclass(frozen=True)
+class _Spec:
+    """A workflow's parsed spec: its name and its step specs by id."""
+
+    name: str
+    steps: dict[str, dict[str, Any]]
+
+
+_SPECS: OrderedDict[str, _Spec] = OrderedDict()  # workflow id: parsed spec (an LRU)
 _SPECS_MAX = 256
 _specs_lock = threading.Lock()
+
+
+def _cached_spec(workflow_id: str) -> _Spec | None:
+    with _specs_lock:
+        spec = _SPECS.get(workflow_id)
+        if spec is not None:
+            _SPECS.move_to_end(workflow_id)
+        return spec
+
+
+def _remember_spec(workflow_id: str, raw: dict[str, Any]) -> _Spec:
+    spec = _Spec(str(raw.get("name", "")), {step["id"]: step for step in raw["steps"]})
+    with _specs_lock:
+        _SPECS[workflow_id] = spec
+        while len(_SPECS) > _SPECS_MAX:
+            _SPECS.popitem(last=False)
+    return spec
 
 
 def _spec_steps(tx: _Tx) -> dict[str, dict[str, Any]]:
     """The workflow's step specs by id. A spec never changes after submit, so each process
     parses it once (an LRU of recent workflows) instead of in every transaction."""
     wid = tx.workflow.id
-    with _specs_lock:
-        steps = _SPECS.get(wid)
-        if steps is not None:
-            _SPECS.move_to_end(wid)
-            return steps
-    steps = {step["id"]: step for step in tx.workflow.spec["steps"]}  # loads it if deferred
-    with _specs_lock:
-        _SPECS[wid] = steps
-        while len(_SPECS) > _SPECS_MAX:
-            _SPECS.popitem(last=False)
-    return steps
+    spec = _cached_spec(wid) or _remember_spec(wid, tx.workflow.spec)  # loads it if deferred
+    return spec.steps
 
 
 def _step_spec(tx: _Tx, step_id: str) -> dict[str, Any]:
@@ -223,10 +250,10 @@ def _step_spec(tx: _Tx, step_id: str) -> dict[str, Any]:
     return dict(step)
 
 
-def _with_ancestors(tx: _Tx, step_id: str) -> set[str]:
-    """``step_id`` and every step it depends on, transitively (what its templates may read)."""
-    specs = _spec_steps(tx)
-    seen, todo = {step_id}, [step_id]
+def _ancestors(specs: Mapping[str, Mapping[str, Any]], step_id: str) -> set[str]:
+    """Every step ``step_id`` depends on, transitively (what its templates may read)."""
+    seen: set[str] = set()
+    todo = [step_id]
     while todo:
         for dep in specs.get(todo.pop(), {}).get("depends_on") or ():
             if dep not in seen:
@@ -285,7 +312,7 @@ def _finish_workflow(tx: _Tx, steps: dict[str, StepRun]) -> None:
         run.error = f"step {failed[0].step_id!r} failed: {failed[0].error}"
         # Nothing new starts; steps already running finish and record their result.
         for s in steps.values():
-            if s.status is StepStatus.pending or s.status in _SENDABLE:
+            if s.status is StepStatus.pending or s.status in SENDABLE:
                 s.status, s.finished_at, s.updated_at = StepStatus.cancelled, now, now
                 s.error = f"cancelled: workflow failed at step {failed[0].step_id!r}"
         tx.dispatches.clear()
@@ -301,49 +328,123 @@ def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
         return None
 
 
+# A delivery may claim a step that is ready for exactly this attempt, or (a redelivery after
+# a worker died mid-step: acks_late) one already running this attempt; never a step of a
+# workflow that has ended.
+def _claimable(attempt: int) -> Any:
+    live_workflow = (
+        select(WorkflowRun.id)
+        .where(
+            WorkflowRun.id == StepRun.workflow_id,
+            WorkflowRun.status == WorkflowStatus.running,
+        )
+        .exists()
+    )
+    return and_(
+        or_(
+            and_(
+                col(StepRun.status).in_(SENDABLE),
+                col(StepRun.attempts) == attempt - 1,
+            ),
+            and_(
+                col(StepRun.status) == StepStatus.running,
+                col(StepRun.attempts) == attempt,
+            ),
+        ),
+        live_workflow,
+    )
+
+
 def _claim(step_run_id: str, attempt: int) -> StepWork | None:
-    with _locked(None, None, step_run_id=step_run_id) as tx:
-        assert tx.step_id is not None
-        # One query: the step itself and the steps its input templates may read.
-        steps = tx.steps(only=_with_ancestors(tx, tx.step_id))
-        step = steps[tx.step_id]
-        fresh = step.status in _SENDABLE and step.attempts == attempt - 1
-        redelivered = step.status is StepStatus.running and step.attempts == attempt
-        if tx.workflow.status.terminal or not (fresh or redelivered):
-            log.info(
-                "dropping stale delivery of step %s attempt %s (%s)",
-                step_run_id,
-                attempt,
-                step.status,
+    # A claim changes only its own step's row, so it is one conditional UPDATE: no workflow
+    # lock. A writer that holds the lock (a cancel, a failing sibling) and overwrites the
+    # row afterwards wins, and the worker then finds its result refused.
+    now = utcnow()
+    with db.session_scope(write=True) as session:
+        claimed = session.execute(
+            update(StepRun)
+            .where(col(StepRun.id) == step_run_id, _claimable(attempt))
+            .values(status=StepStatus.running, attempts=attempt, started_at=now, updated_at=now)
+            .returning(
+                col(StepRun.workflow_id),
+                col(StepRun.step_id),
+                col(StepRun.kind),
+                col(StepRun.model),
+                col(StepRun.queued_at),
+                col(StepRun.error),
             )
+            .execution_options(synchronize_session=False)
+        ).first()
+        if claimed is None:
+            _log_stale(session, step_run_id, attempt)
             return None
-        now = utcnow()
-        step.status, step.attempts, step.started_at, step.updated_at = (
-            StepStatus.running,
-            attempt,
-            now,
-            now,
+        workflow_id, step_id, kind, model, queued_at, error = claimed
+        spec = _cached_spec(workflow_id)
+        if spec is None:
+            raw = session.exec(select(WorkflowRun.spec).where(WorkflowRun.id == workflow_id)).one()
+            spec = _remember_spec(workflow_id, dict(raw))
+        # The steps its templates may read are finished: their rows no longer change.
+        ancestors = _ancestors(spec.steps, step_id)
+        rows = (
+            session.execute(
+                sa_select(
+                    col(StepRun.step_id),
+                    col(StepRun.status),
+                    col(StepRun.output),
+                    col(StepRun.attempts),
+                    col(StepRun.error),
+                ).where(
+                    col(StepRun.workflow_id) == workflow_id,
+                    col(StepRun.step_id).in_(ancestors),
+                )
+            ).all()
+            if ancestors
+            else []
         )
-        spec = _step_spec(tx, step.step_id)
-        queued_ms = ((now - step.queued_at).total_seconds() * 1000) if step.queued_at else 0.0
-        work = StepWork(
-            step_run_id=step.id,
-            workflow_id=step.workflow_id,
-            step_id=step.step_id,
-            kind=step.kind,
-            model=step.model,
-            attempt=attempt,
-            input=spec["input"],
-            timeout_s=spec.get("timeout_s"),
-            queued_ms=queued_ms,
-        )
-        context = _context(tx, steps)
-    # Rendered after the commit, outside the lock: what it reads no longer changes.
+    step_spec = spec.steps[step_id]
+    context_steps = {
+        sid: {"status": st.value, "output": out, "attempts": n, "error": err}
+        for sid, st, out, n, err in rows
+    }
+    context_steps[step_id] = {
+        "status": StepStatus.running.value,
+        "output": None,
+        "attempts": attempt,
+        "error": error,
+    }
+    context = {"workflow": {"id": workflow_id, "name": spec.name}, "steps": context_steps}
+    work = StepWork(
+        step_run_id=step_run_id,
+        workflow_id=workflow_id,
+        step_id=step_id,
+        kind=kind,
+        model=model,
+        attempt=attempt,
+        input=step_spec["input"],
+        timeout_s=step_spec.get("timeout_s"),
+        queued_ms=((now - queued_at).total_seconds() * 1000) if queued_at else 0.0,
+    )
+    # Rendered after the commit: what it reads no longer changes.
     try:
-        work.input = render_value(spec["input"], context)
+        work.input = render_value(step_spec["input"], context)
     except (TemplateError, TypeError, ValueError) as exc:
         work.input_error = f"input template failed to render: {exc}"
     return work
+
+
+def _log_stale(session: Session, step_run_id: str, attempt: int) -> None:
+    found = session.exec(
+        select(StepRun.status, StepRun.attempts).where(StepRun.id == step_run_id)
+    ).first()
+    if found is None:
+        raise _StepGone(f"no step run {step_run_id!r}")
+    log.info(
+        "dropping stale delivery of step %s attempt %s (%s, attempt %s)",
+        step_run_id,
+        attempt,
+        found[0],
+        found[1],
+    )
 
 
 def complete_step(
@@ -414,57 +515,3 @@ def note_cancelled(step_run_id: str, attempt: int, detail: str) -> None:
         step = session.get(StepRun, step_run_id)
         if step is not None and step.status is StepStatus.cancelled and step.attempts == attempt:
             step.error = detail
-
-
-def mark_dispatched(
-    step_run_ids: Sequence[str],
-    no_pool: Sequence[str] = (),
-    *,
-    attempts: Mapping[str, int] | None = None,
-) -> None:
-    """Record that these steps' tasks reached the broker (the reconciler resends the rest).
-
-    Those in ``no_pool`` wait on a queue no worker consumes yet: ``waiting_for_pool``
-    until a pool for their model claims them. With ``attempts`` (step run id: the attempt
-    sent), a row is marked only while that send is still its latest (``attempts`` one
-    less), so a late mark never covers a retry that has not reached the broker.
-    """
-    by_attempt: dict[int | None, list[str]] = {}
-    for sid in step_run_ids:
-        by_attempt.setdefault(attempts.get(sid) if attempts else None, []).append(sid)
-    with db.session_scope(write=True) as session:
-        # Set-based UPDATEs: no rows are loaded (this runs once per send, on the hot path).
-        now = utcnow()
-        for attempt, ids in by_attempt.items():
-            query = update(StepRun).where(StepRun.id.in_(ids))  # type: ignore[attr-defined]
-            if attempt is not None:
-                query = query.where(StepRun.attempts == attempt - 1)  # type: ignore[arg-type]
-            session.exec(
-                query.values(dispatched_at=now).execution_options(synchronize_session=False)
-            )
-        if no_pool:
-            session.exec(
-                update(StepRun)
-                .where(
-                    StepRun.id.in_(no_pool),  # type: ignore[attr-defined]
-                    StepRun.status == StepStatus.queued,  # type: ignore[arg-type]
-                )
-                .values(status=StepStatus.waiting_for_pool)
-                .execution_options(synchronize_session=False)
-            )
-
-
-def undispatched(older_than_s: float, limit: int = 500) -> list[Dispatch]:
-    """Steps marked ready that never reached the broker (a crash or outage after commit)."""
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
-    with db.session_scope() as session:
-        rows = session.exec(
-            select(StepRun)
-            .where(
-                StepRun.status.in_(_SENDABLE),  # type: ignore[attr-defined]
-                StepRun.dispatched_at.is_(None),  # type: ignore[union-attr]
-                StepRun.queued_at < cutoff,  # type: ignore[operator]
-            )
-            .limit(limit)
-        ).all()
-        return [Dispatch(r.id, r.model, r.attempts + 1) for r in rows]

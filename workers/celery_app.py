@@ -63,6 +63,10 @@ def make_celery() -> Celery:
                 "task": "corral.memory.sweep",
                 "schedule": settings.reconcile_s,
             },
+            "corral.memory.prune": {
+                "task": "corral.memory.prune",
+                "schedule": settings.memory_prune_s,
+            },
         },
     )
     return app

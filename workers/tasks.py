@@ -66,13 +66,9 @@ def memory_embed_query_task(reply_key: str, texts: list[str]) -> None:
 @celery_app.task(name="corral.reconcile")  # type: ignore[untyped-decorator]
 def reconcile_task() -> int:
     """Send steps that were readied but never reached the broker; returns how many."""
-    from app import engine
-    from app.dispatch import CeleryDispatcher
+    from app.dispatch import CeleryDispatcher, reconcile
 
-    pending = engine.undispatched(older_than_s=get_settings().reconcile_after_s)
-    if pending:
-        CeleryDispatcher(celery_app).send(pending)
-    return len(pending)
+    return reconcile(CeleryDispatcher(celery_app), get_settings().reconcile_after_s)
 
 
 @celery_app.task(name="corral.memory.sweep")  # type: ignore[untyped-decorator]
@@ -86,3 +82,11 @@ def memory_sweep_task() -> int:
     if waiting:
         kick(mem)
     return waiting
+
+
+@celery_app.task(name="corral.memory.prune")  # type: ignore[untyped-decorator]
+def memory_prune_task() -> int:
+    """Drop expired conversations from the tenants' and users' lists; returns how many."""
+    from app.memory.service import get_memory
+
+    return get_memory().conversations.prune_expired()

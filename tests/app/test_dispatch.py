@@ -1,4 +1,5 @@
-"""Recording that sent steps reached the broker, and never for a send that is not the latest."""
+"""Sends leave markers in Redis; the reconciler confirms them and resends only what never
+reached the broker, and never confirms a send that is not the latest."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ from typing import Any
 import redis
 from sqlmodel import select
 
-from app import db, engine
+from app import db, dispatch, engine
 from app.core.config import Settings
-from app.dispatch import CeleryDispatcher
+from app.dispatch import (
+    SENT_PREFIX,
+    CeleryDispatcher,
+    forget_sent,
+    reconcile,
+    record_sent,
+    sent_attempts,
+)
 from app.engine import Dispatch
 from app.spec import validate_workflow
 from app.tables import StepRun, StepStatus
@@ -51,26 +59,94 @@ def test_a_mark_for_an_attempt_that_is_no_longer_current_changes_nothing(
     assert engine.claim_step(sid, 1) is not None
     engine.fail_step(sid, 1, "boom", retryable=True, dispatcher=RecordingDispatcher())
     assert step(sid).status is StepStatus.retrying
-    engine.mark_dispatched([sid], attempts={sid: 1})  # the late mark of attempt 1
+    dispatch.mark_dispatched([sid], {sid: 1})  # the late mark of attempt 1
     assert step(sid).dispatched_at is None  # so the reconciler still resends attempt 2
-    engine.mark_dispatched([sid], attempts={sid: 2})
+    dispatch.mark_dispatched([sid], {sid: 2})
     assert step(sid).dispatched_at is not None
 
 
-def test_the_celery_dispatcher_records_what_it_sent(settings: Settings) -> None:
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.broker_url)
+
+
+def test_the_celery_dispatcher_leaves_a_marker_and_writes_nothing_more(
+    settings: Settings,
+) -> None:
     from workers.celery_app import make_celery
 
     sid = one_step(settings)
     celery = make_celery()
     queue = "model.nobody-serves-this"
+    client = redis_client(settings)
     try:
         CeleryDispatcher(celery).send([Dispatch(sid, "nobody-serves-this", 1)])
+        assert client.llen(queue) == 1
+        assert sent_attempts(client, [sid]) == {sid: 1}
         row = step(sid)
-        assert row.dispatched_at is not None
+        assert row.dispatched_at is None  # confirmed later, by the reconciler
         # No live pool consumes that queue: the step says so.
         assert row.status is StepStatus.waiting_for_pool
     finally:
-        client = redis.Redis.from_url(settings.broker_url)
-        client.delete(queue)
+        client.delete(queue, SENT_PREFIX + sid)
         client.close()
         celery.close()
+
+
+def test_the_reconciler_confirms_sends_that_reached_the_broker(settings: Settings) -> None:
+    sid = one_step(settings)
+    client = redis_client(settings)
+    try:
+        record_sent(client, {sid: 1})
+        resent = RecordingDispatcher()
+        reconcile(resent, older_than_s=0)
+        assert sid not in {d.step_run_id for d in resent.sent}
+        assert step(sid).dispatched_at is not None
+        assert client.exists(SENT_PREFIX + sid) == 0  # confirmed: the marker is dropped
+        assert sid not in {d.step_run_id for d in dispatch.undispatched(older_than_s=0)}
+    finally:
+        client.delete(SENT_PREFIX + sid)
+        client.close()
+
+
+def test_the_reconciler_sends_again_what_never_reached_the_broker(settings: Settings) -> None:
+    sid = one_step(settings)  # committed; the recording dispatcher published nothing
+    client = redis_client(settings)
+    try:
+        resent = RecordingDispatcher()
+        assert reconcile(resent, older_than_s=0) >= 1
+        assert [d.attempt for d in resent.sent if d.step_run_id == sid] == [1]
+        assert step(sid).dispatched_at is None
+        # A step readied too recently is left alone (its send may still be on the way).
+        recent = RecordingDispatcher()
+        reconcile(recent, older_than_s=3600)
+        assert sid not in {d.step_run_id for d in recent.sent}
+    finally:
+        client.close()
+
+
+def test_a_marker_of_an_earlier_attempt_does_not_confirm_a_retry(settings: Settings) -> None:
+    sid = one_step(settings)
+    client = redis_client(settings)
+    try:
+        record_sent(client, {sid: 1})
+        assert engine.claim_step(sid, 1) is not None
+        engine.fail_step(sid, 1, "boom", retryable=True, dispatcher=RecordingDispatcher())
+        resent = RecordingDispatcher()
+        reconcile(resent, older_than_s=0)
+        # Attempt 2 was never sent.
+        assert [d.attempt for d in resent.sent if d.step_run_id == sid] == [2]
+        assert step(sid).dispatched_at is None
+    finally:
+        client.delete(SENT_PREFIX + sid)
+        client.close()
+
+
+def test_forgetting_a_confirmed_send_keeps_a_newer_marker(settings: Settings) -> None:
+    client = redis_client(settings)
+    try:
+        record_sent(client, {"s-old": 1, "s-new": 2})
+        forget_sent(client, {"s-old": 1, "s-new": 1})  # s-new was sent again meanwhile
+        assert sent_attempts(client, ["s-old", "s-new"]) == {"s-new": 2}
+    finally:
+        client.delete(SENT_PREFIX + "s-old", SENT_PREFIX + "s-new")
+        client.close()
