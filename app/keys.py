@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 
 from sqlmodel import Session, select
 
@@ -45,6 +47,52 @@ def verify_key(session: Session, key: str) -> ApiKey:
     return row
 
 
-def touch(session: Session, row: ApiKey) -> None:
-    row.last_used_at = utcnow()
-    session.add(row)
+def revoke_key(session: Session, prefix_or_id: str) -> ApiKey:
+    """Revoke the key with this prefix (or numeric id); LookupError if there is none."""
+    query = select(ApiKey).where(ApiKey.prefix == prefix_or_id)
+    row = session.exec(query).first()
+    if row is None and prefix_or_id.isdigit():
+        row = session.get(ApiKey, int(prefix_or_id))
+    if row is None:
+        raise LookupError(f"no API key with prefix or id {prefix_or_id!r}")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.add(row)
+    return row
+
+
+class VerifiedKeys:
+    """Keys this process verified recently, by the SHA-256 of the key, for ``ttl_s``.
+
+    Every request authenticates; with this, a known key costs a hash and a dict lookup
+    instead of a database read. A revoked key stops working within ``ttl_s`` on every API
+    process (``CORRAL_API_KEY_CACHE_S``; 0 checks the database on every request). Unknown
+    or revoked keys are never remembered.
+    """
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, ApiKey]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> ApiKey | None:
+        if self.ttl_s <= 0:
+            return None
+        digest = _hash(key)
+        with self._lock:
+            found = self._entries.get(digest)
+            if found is None:
+                return None
+            if found[0] < time.monotonic():
+                del self._entries[digest]
+                return None
+            return found[1]
+
+    def put(self, key: str, row: ApiKey) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[_hash(key)] = (time.monotonic() + self.ttl_s, row)

@@ -13,6 +13,7 @@ from sqlalchemy import inspect
 
 from app import db, keys
 from app.embedded import free_port
+from app.errors import AuthError
 from tests.utils.platform import Platform
 
 
@@ -115,6 +116,18 @@ def test_db_upgrade_and_keys_create(tmp_path: Path) -> None:
 
     with Session(engine) as session:
         assert keys.verify_key(session, key).name == "ci"
+    listed = corral("keys", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    prefix = key.split("_")[1]
+    assert prefix in listed.stdout and key not in listed.stdout  # never the key itself
+    revoked = corral("keys", "revoke", key, env=env)  # the whole key names its prefix
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"prefix {prefix}" in revoked.stdout
+    with Session(engine) as session, pytest.raises(AuthError):
+        keys.verify_key(session, key)
+    unknown = corral("keys", "revoke", "nosuchprefix", env=env)
+    assert unknown.returncode == 2
+    assert "no API key with prefix or id 'nosuchprefix'" in unknown.stderr
     engine.dispose()
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from redis.exceptions import RedisError
 from sqlmodel import Session
 
@@ -24,12 +25,34 @@ def _session() -> Iterator[Session]:
         yield session
 
 
-def _api_key(request: Request, session: Annotated[Session, Depends(_session)]) -> ApiKey:
+def _verify(token: str) -> ApiKey:
+    with db.session_scope() as session:
+        return keys.verify_key(session, token)
+
+
+_verified: dict[float, keys.VerifiedKeys] = {}
+
+
+def verified_keys() -> keys.VerifiedKeys:
+    """This process's cache of verified keys (one per CORRAL_API_KEY_CACHE_S value)."""
+    ttl = get_settings().api_key_cache_s
+    cache = _verified.get(ttl)
+    if cache is None:
+        cache = _verified[ttl] = keys.VerifiedKeys(ttl)
+    return cache
+
+
+async def _api_key(request: Request) -> ApiKey:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-    row = keys.verify_key(session, token.strip())
+    cache = verified_keys()
+    row = cache.get(token)
+    if row is None:  # not verified lately: ask the database, off the event loop
+        row = await run_in_threadpool(_verify, token)
+        cache.put(token, row)
     request.state.api_key_id = row.id
     return row
 

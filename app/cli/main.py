@@ -275,6 +275,47 @@ def keys_create(name: Annotated[str, typer.Argument(help="A name for the key.")]
     print(key)
 
 
+@keys_app.command("list")
+def keys_list() -> None:
+    """API keys: id, prefix, name, created, last used, revoked (never the key itself)."""
+    from rich.table import Table
+    from sqlmodel import select
+
+    from app import db
+    from app.tables import ApiKey
+
+    table = Table("id", "prefix", "name", "created", "revoked")
+    with db.session_scope() as session:
+        for row in session.exec(select(ApiKey).order_by(ApiKey.id)).all():  # type: ignore[arg-type]
+            table.add_row(
+                str(row.id),
+                row.prefix,
+                row.name,
+                row.created_at.isoformat(timespec="seconds"),
+                row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "",
+            )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key's prefix (crl_PREFIX_…) or its id.")],
+) -> None:
+    """Revoke an API key. API processes stop accepting it within CORRAL_API_KEY_CACHE_S."""
+    from app import db, keys
+
+    prefix = key.split("_")[1] if key.startswith(keys.KEY_PREFIX) and key.count("_") >= 2 else key
+    try:
+        with db.session_scope(write=True) as session:
+            row = keys.revoke_key(session, prefix)
+    except LookupError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(
+        f"revoked key {row.id} ({row.name}, prefix {row.prefix}); API processes stop "
+        f"accepting it within {get_settings().api_key_cache_s:g} s"
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Migrate the database to the latest schema."""

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=10, ge=1)
     max_backoff_s: float = Field(default=3600.0, ge=0)
     max_list_limit: int = Field(default=200, ge=1)
+    api_key_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="how long an API process trusts a key it verified (a revoked key stops "
+        "working within this); 0 reads the database on every request",
+    )
 
     # Workers.
     worker_heartbeat_s: float = Field(default=10.0, gt=0)
@@ -79,6 +85,9 @@ class Settings(BaseSettings):
         default=30 * 86400, ge=1, description="a conversation's TTL, renewed on activity"
     )
     memory_max_ttl_s: int = Field(default=365 * 86400, ge=1)
+    memory_prune_s: float = Field(
+        default=300.0, gt=0, description="beat: how often expired conversations leave the lists"
+    )
     memory_max_message_chars: int = Field(default=100_000, ge=1)
     memory_block_limit: int = Field(default=2000, ge=1, description="a new block's char limit")
     memory_max_block_limit: int = Field(default=20_000, ge=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -177,6 +178,25 @@ def test_every_v1_route_needs_a_key(platform: Platform) -> None:
         assert wrong.json()["detail"] == "invalid API key"
         assert anon.get("/healthz").status_code == 200
     assert _count(platform) == before
+
+
+def test_a_revoked_key_is_refused_within_the_key_cache_time(platform: Platform) -> None:
+    from app import db, keys
+
+    with db.session_scope(write=True) as session:
+        row, key = keys.create_key(session, "short-lived")
+    with httpx.Client(base_url=platform.url, headers={"Authorization": f"Bearer {key}"}) as c:
+        assert c.get("/v1/models").status_code == 200  # verified, and now remembered
+        with db.session_scope(write=True) as session:
+            keys.revoke_key(session, row.prefix)
+        revoked_at = time.monotonic()
+        ttl = platform.settings.api_key_cache_s
+        while c.get("/v1/models").status_code == 200:
+            assert time.monotonic() - revoked_at < ttl + 3, "a revoked key kept working"
+            time.sleep(0.1)
+        refused = c.get("/v1/models")
+        assert refused.status_code == 401
+        assert refused.json()["detail"] == "invalid API key"
 
 
 def test_workflows_of_another_key_are_invisible(platform: Platform) -> None:

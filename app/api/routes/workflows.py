@@ -74,7 +74,6 @@ async def submit_workflow(
     request: Request,
     response: Response,
     key: ApiKeyDep,
-    session: SessionDep,
     settings: SettingsDep,
     catalog: CatalogDep,
     dispatcher: DispatcherDep,
@@ -87,10 +86,10 @@ async def submit_workflow(
     different body is a 409.
     """
     raw = await _read_body(request, settings.max_body_bytes)
-    # Validation, the database and the broker block: off the event loop, which keeps
-    # serving other requests (reads, long-polls) meanwhile.
+    # Validation, the database and the broker block: off the event loop (one hop to the
+    # thread pool for all of it), which keeps serving other requests meanwhile.
     return await run_in_threadpool(
-        _submit, raw, response, key, session, settings, catalog, dispatcher, idempotency_key
+        _submit, raw, response, key, settings, catalog, dispatcher, idempotency_key
     )
 
 
@@ -98,7 +97,6 @@ def _submit(
     raw: Any,
     response: Response,
     key: ApiKey,
-    session: Session,
     settings: Settings,
     catalog: Catalog,
     dispatcher: Dispatcher,
@@ -106,7 +104,8 @@ def _submit(
 ) -> WorkflowAccepted:
     request_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     if idempotency_key:
-        earlier = engine.find_idempotent(session, key.id, idempotency_key)
+        with db.session_scope() as session:
+            earlier = engine.find_idempotent(session, key.id, idempotency_key)
         if earlier is not None:
             return _replay(earlier, request_hash, response)
     contexts = live.pool_contexts(max_age_s=1.0)
@@ -121,8 +120,8 @@ def _submit(
         )
     except IntegrityError:
         # A concurrent submit with the same Idempotency-Key won the race.
-        session.rollback()
-        earlier = engine.find_idempotent(session, key.id, idempotency_key or "")
+        with db.session_scope() as session:
+            earlier = engine.find_idempotent(session, key.id, idempotency_key or "")
         if earlier is None:
             raise
         return _replay(earlier, request_hash, response)
@@ -171,7 +170,6 @@ def _fresh_view(key_id: int | None, workflow_id: str) -> WorkflowPublic:
 async def get_workflow(
     workflow_id: str,
     key: ApiKeyDep,
-    session: SessionDep,
     finished: FinishedDep,
     wait_s: Annotated[
         float,
@@ -190,9 +188,8 @@ async def get_workflow(
     e.g. ``GET /v1/workflows/ID?wait_s=30`` in a loop is a blocking wait.
     """
     if wait_s <= 0:
-        return await run_in_threadpool(_view, session, key.id, workflow_id)
-    # Hold no pooled DB connection while waiting: each read below has a session of its own.
-    await run_in_threadpool(session.commit)
+        return await run_in_threadpool(_fresh_view, key.id, workflow_id)
+    # Each read has a session of its own: no pooled connection is held while waiting.
     deadline = time.monotonic() + wait_s
     while True:
         async with finished.watch(workflow_id) as event:
