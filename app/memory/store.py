@@ -19,7 +19,7 @@ from typing import Any, cast
 import redis
 
 from app.errors import NotFoundError, SpecError
-from app.memory.keys import EMBED_PENDING, Keys, is_conversation_id, pending_member
+from app.memory.keys import EMBED_PENDING, ROOT, Keys, is_conversation_id, pending_member
 from app.memory.schemas import Conversation, Message, from_ms
 
 # Times are the server's (TIME), in ms. redis.replicate_commands() lets a script write after
@@ -335,6 +335,55 @@ class ConversationStore:
         self.redis.zrem(k.convs, cid)
         if user_id:
             self.redis.zrem(k.user_convs(user_id), cid)
+
+    def prune_expired(self, *, grace_ms: int = 1000, batch: int = 500) -> int:
+        """Drop conversations that have expired from every index that outlives them.
+
+        A conversation's own keys expire by TTL; the tenant's and the user's lists of
+        conversations (and the user's key moments) are sorted sets without one. Beat runs
+        this every ``CORRAL_MEMORY_PRUNE_S``: it walks the lists and removes the entries whose
+        conversation is gone, in pipelined batches. Returns how many conversations it
+        removed from their tenant's list.
+        """
+        secs, micros = self.redis.time()
+        cutoff = secs * 1000 + micros // 1000 - grace_ms  # active since then: alive
+        removed = 0
+        for raw in self.redis.scan_iter(match=f"{ROOT}:*:convs", count=1000):
+            index = raw.decode()
+            tenant, _, rest = index[len(ROOT) + 1 :].partition(":")
+            user_id = rest[len("user:") : -len(":convs")] if rest.startswith("user:") else None
+            k = Keys(tenant)
+            start = 0
+            while True:
+                cids = [
+                    c.decode()
+                    for c in cast(
+                        list[bytes],
+                        self.redis.zrangebyscore(index, "-inf", cutoff, start=start, num=batch),
+                    )
+                ]
+                if not cids:
+                    break
+                pipe = self.redis.pipeline(transaction=False)
+                for cid in cids:
+                    pipe.exists(k.conv(cid))
+                gone = [cid for cid, alive in zip(cids, pipe.execute(), strict=True) if not alive]
+                if gone:
+                    self.redis.zrem(index, *gone)
+                    if user_id is None:
+                        removed += len(gone)
+                    else:
+                        self._forget_moments(k.user_moments(user_id), gone)
+                if len(cids) < batch:
+                    break
+                start += len(cids) - len(gone)
+        return removed
+
+    def _forget_moments(self, user_moments: str, cids: Sequence[str]) -> None:
+        for cid in cids:
+            members = [m for m, _ in self.redis.zscan_iter(user_moments, match=f"{cid}:*")]
+            if members:
+                self.redis.zrem(user_moments, *members)
 
     def user_conversations(self, tenant: str, user_id: str) -> list[str]:
         """Ids of the user's conversations (some may have just expired)."""

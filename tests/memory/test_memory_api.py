@@ -38,6 +38,13 @@ def say(client: httpx.Client, cid: str, content: str, **body: Any) -> dict[str, 
     return out
 
 
+def long_history(client: httpx.Client, cid: str, seed: int) -> None:
+    """150 messages of 110 words: about 18,000 tokens, over twice tiny-chat's window."""
+    rng = random.Random(seed)
+    for i in range(150):
+        say(client, cid, words(rng, 110), role="user" if i % 2 == 0 else "assistant")
+
+
 def wait_embedded(client: httpx.Client, cid: str, timeout_s: float = 90) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -127,9 +134,7 @@ def test_reply_reports_tokens_per_part(platform: Platform) -> None:
 def test_long_history_is_summarised_and_never_overflows(platform: Platform) -> None:
     c = platform.client
     conv = create(c, "long-user")
-    rng = random.Random(5)
-    for i in range(150):  # about 18,000 tokens: more than twice the 8192-token window
-        say(c, conv["id"], words(rng, 110), role="user" if i % 2 == 0 else "assistant")
+    long_history(c, conv["id"], seed=5)
     out = say(c, conv["id"], "sum it up", respond={"max_tokens": 64, "temperature": 0})
     assert out["status"] == "succeeded", out
     memory = out["output"]["memory"]

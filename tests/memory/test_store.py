@@ -121,6 +121,31 @@ def test_ttl_expires_every_key_of_a_conversation(mem: Memory, tenant: str) -> No
     assert mem.vectors.search(tenant, "alice", np.ones(8, dtype=np.float32), 5) == []
 
 
+def test_pruning_drops_expired_conversations_from_every_list(mem: Memory, tenant: str) -> None:
+    gone = conv_of(mem, tenant, ttl_s=1)
+    kept = conv_of(mem, tenant)
+    for c in (gone, kept):
+        mem.conversations.append(tenant, c, [NewMessage("user", "m1"), NewMessage("user", "m2")])
+        mem.conversations.mark(tenant, c.id, 2, on=True)
+    k = Keys(tenant)
+    lists = (k.convs, k.user_convs("alice"))
+    mem.conversations.prune_expired()  # nothing of this tenant has expired yet
+    assert all(mem.redis.zcard(index) == 2 for index in lists)
+    time.sleep(1.3)
+    # Expired, but still listed (a sorted set has no TTL per member) until pruned.
+    assert all(mem.redis.zscore(index, gone.id) is not None for index in lists)
+    assert mem.conversations.prune_expired() >= 1
+    for index in lists:
+        assert [m.decode() for m in mem.redis.zrange(index, 0, -1)] == [kept.id]
+    moments = [m.decode() for m in mem.redis.zrange(k.user_moments("alice"), 0, -1)]
+    assert moments == [f"{kept.id}:2"]
+    assert [c.id for c in mem.conversations.list_page(tenant, user_id="alice")[0]] == [kept.id]
+    # Nothing more to do the second time round for this tenant; the live one is untouched.
+    mem.conversations.prune_expired()
+    assert mem.redis.zcard(k.convs) == 1
+    assert mem.conversations.get(tenant, kept.id).message_count == 2
+
+
 def test_activity_renews_the_ttl(mem: Memory, tenant: str) -> None:
     conv = conv_of(mem, tenant, ttl_s=2)
     for _ in range(3):  # 3 × 1.1 s > 2 s: alive only because each append renews it
