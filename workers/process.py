@@ -95,14 +95,16 @@ def get_runtime() -> ModelRuntime:
     return _State.runtime
 
 
+def _announce() -> None:
+    try:
+        live.register_worker(_State.worker_id, _State.info, get_settings().worker_heartbeat_s * 3)
+    except Exception as exc:  # Redis down: keep trying, the worker keeps working.
+        log.warning("heartbeat failed: %s", exc)
+
+
 def _heartbeat() -> None:
-    ttl = get_settings().worker_heartbeat_s * 3
-    while not _State.stop.is_set():
-        try:
-            live.register_worker(_State.worker_id, _State.info, ttl)
-        except Exception as exc:  # Redis down: keep trying, the worker keeps working.
-            log.warning("heartbeat failed: %s", exc)
-        _State.stop.wait(get_settings().worker_heartbeat_s)
+    while not _State.stop.wait(get_settings().worker_heartbeat_s):
+        _announce()
 
 
 def set_busy(busy: bool) -> None:
@@ -145,6 +147,9 @@ def _on_process_init(**_: Any) -> None:
         "reservations": json.loads(os.environ.get("CORRAL_RESERVATIONS", "[]")),
         "steps_done": 0,
     }
+    # Announced before this process takes its first step: a submit that follows a step's
+    # result sees the pool (and the context it serves), never a gap before the first beat.
+    _announce()
     threading.Thread(target=_heartbeat, name="corral-heartbeat", daemon=True).start()
 
 

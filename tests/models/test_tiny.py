@@ -172,7 +172,9 @@ def test_embed_gives_one_vector_per_text(embedder: Any) -> None:
     vectors = embedder.embed(["hello world", "the quick brown fox", "hello world", "x"])
     assert len(vectors) == 4
     assert all(len(v) == 64 for v in vectors)
-    assert vectors[0] == vectors[2]
+    # The same text at another place in the batch: equal up to float rounding (llama.cpp's
+    # kernels may sum in a different order for another batch position).
+    assert max(abs(a - b) for a, b in zip(vectors[0], vectors[2], strict=True)) < 1e-5
     assert vectors[0] != vectors[1]
     assert vectors[1] != vectors[3]
     single = embedder.embed("hello world", normalize=True)  # a str gives one vector
