@@ -20,7 +20,7 @@ try:
 except ImportError:  # not POSIX: SQLite's own busy handler alone orders writers
     fcntl = None  # type: ignore[assignment]
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
@@ -106,6 +106,23 @@ def session_scope(*, write: bool = False) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+@contextmanager
+def connection_scope(*, write: bool = False) -> Iterator[Connection]:
+    """A Core connection in one transaction: committed at the end, rolled back on error.
+
+    The engine's hot paths use it (no ORM session); the same writer gate and error
+    translation as :func:`session_scope`.
+    """
+    engine = get_engine(write=write)
+    gate = _writer_gate(engine) if write else None
+    with gate.hold() if gate else nullcontext():
+        try:
+            with engine.begin() as conn:
+                yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise ServiceUnavailable(f"the database is unavailable: {exc.orig}") from exc
 
 
 class _WriterGate:

@@ -13,26 +13,25 @@ import logging
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from jinja2 import TemplateError
-from sqlalchemy import and_, or_, update
-from sqlalchemy import select as sa_select
-from sqlalchemy.orm import defer
-from sqlmodel import Session, col, select
+from sqlalchemy import Connection
+from sqlmodel import Session, select
 
-from app import db, notify
+from app import db, notify, rows
 from app.errors import ConflictError, NotFoundError
+from app.rows import SENDABLE, StepState, WorkflowState
 from app.spec import ValidatedWorkflow
-from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus, utcnow
+from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus, new_id, utcnow
 from app.templating import evaluate, render_value
 
 log = logging.getLogger(__name__)
 
-SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
+__all__ = ["SENDABLE", "Dispatch", "Dispatcher", "StepWork"]
 
 
 @dataclass(frozen=True)
@@ -69,29 +68,24 @@ class StepWork:
 
 @dataclass
 class _Tx:
-    session: Session
-    workflow: WorkflowRun
+    """One engine transaction on a workflow: its row, its steps as read, what to send."""
+
+    conn: Connection
+    workflow: WorkflowState
     dispatches: list[Dispatch] = field(default_factory=list)
     step_id: str | None = None  # the spec id of the step _locked was given, if any
+    rows: dict[str, StepState] | None = None  # by spec id, in spec order, once read
+    persisted: bool = True  # False while create_workflow settles rows not yet inserted
 
-    def steps(self, only: Collection[str] | None = None) -> dict[str, StepRun]:
-        """The workflow's step rows (``only`` those step ids), in spec order."""
-        query = select(StepRun).where(StepRun.workflow_id == self.workflow.id)
-        if only is not None:
-            query = query.where(StepRun.step_id.in_(only))  # type: ignore[attr-defined]
-        # Timestamps the engine only ever writes are not read back (less to parse per row).
-        rows = self.session.exec(
-            query.options(*_WRITE_ONLY).order_by(StepRun.position)  # type: ignore[arg-type]
-        ).all()
-        return {r.step_id: r for r in rows}
+    def steps(self) -> dict[str, StepState]:
+        """The workflow's steps (their status columns only), read once per transaction."""
+        if self.rows is None:
+            found = self.conn.execute(rows.STEPS, {"workflow_id": self.workflow.id})
+            self.rows = {r.step_id: StepState(*r) for r in found}
+        return self.rows
 
-
-_WRITE_ONLY = [
-    defer(StepRun.dispatched_at),  # type: ignore[arg-type]
-    defer(StepRun.started_at),  # type: ignore[arg-type]
-    defer(StepRun.finished_at),  # type: ignore[arg-type]
-    defer(StepRun.updated_at),  # type: ignore[arg-type]
-]
+    def flush(self) -> None:
+        rows.flush(self.conn, self.workflow, (self.rows or {}).values())
 
 
 class _StepGone(NotFoundError):
@@ -104,35 +98,24 @@ def _locked(
 ) -> Iterator[_Tx]:
     # One statement finds the workflow (by id, or through the step a task names) and locks
     # its row: FOR UPDATE OF workflow_run on PostgreSQL; on SQLite the write transaction's
-    # BEGIN IMMEDIATE already holds the database's write lock. The spec column is read only
-    # when this process has not parsed that workflow's spec yet (see _spec_steps).
-    deferred = defer(WorkflowRun.spec)  # type: ignore[arg-type]
-    with db.session_scope(write=True) as session:
+    # BEGIN IMMEDIATE already holds the database's write lock. What the block changed is
+    # written at its end; sends and the "finished" notice go out after the commit.
+    with db.connection_scope(write=True) as conn:
         step_id: str | None = None
-        workflow: WorkflowRun | None
         if workflow_id is None:
-            found = session.exec(
-                select(WorkflowRun, StepRun.step_id)
-                .options(deferred)
-                .join(StepRun, col(StepRun.workflow_id) == col(WorkflowRun.id))
-                .where(StepRun.id == step_run_id)
-                .with_for_update(of=WorkflowRun)
-            ).first()
-            if found is None:
+            by_step = conn.execute(rows.LOCK_BY_STEP, {"step_run_id": step_run_id}).first()
+            if by_step is None:
                 raise _StepGone(f"no step run {step_run_id!r}")
-            workflow, step_id = found
+            wid, name, status, step_id = by_step
         else:
-            workflow = session.exec(
-                select(WorkflowRun)
-                .options(deferred)
-                .where(WorkflowRun.id == workflow_id)
-                .with_for_update()
-            ).first()
-            if workflow is None:
+            by_id = conn.execute(rows.LOCK_BY_ID, {"workflow_id": workflow_id}).first()
+            if by_id is None:
                 raise NotFoundError(f"no workflow {workflow_id!r}")
-        tx = _Tx(session, workflow, step_id=step_id)
-        was_terminal = workflow.status.terminal
+            wid, name, status = by_id
+        tx = _Tx(conn, WorkflowState(wid, name, status), step_id=step_id)
+        was_terminal = status.terminal
         yield tx
+        tx.flush()
     if tx.dispatches and dispatcher is not None:
         dispatcher.send(tx.dispatches)
     if tx.workflow.status.terminal and not was_terminal:
@@ -147,38 +130,65 @@ def create_workflow(
     idempotency_key: str | None = None,
     request_hash: str | None = None,
 ) -> WorkflowRun:
-    """Write a run and its steps, commit, then enqueue the steps that are ready."""
+    """Write a run and its steps, commit, then enqueue the steps that are ready.
+
+    The steps are settled before they are written, so each row is inserted in its first
+    state (``queued`` or ``pending``): one INSERT for the run, one for its steps.
+    """
     spec = validated.spec
-    dispatches: list[Dispatch] = []
-    with db.session_scope(write=True) as session:
-        run = WorkflowRun(
-            name=spec.name,
-            spec=validated.dump(),
-            api_key_id=api_key_id,
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-        )
-        session.add(run)
-        session.flush()  # the run's row first: steps reference it
-        steps = {}
-        for position, step in enumerate(spec.steps):
-            steps[step.id] = row = StepRun(
-                workflow_id=run.id,
-                step_id=step.id,
-                position=position,
-                kind=step.kind,
-                model=step.model,
-                depends_on=list(step.depends_on),
-                max_attempts=step.retry.max_attempts,
-            )
-            session.add(row)
-        tx = _Tx(session, run)
-        _settle(tx, steps)
-        session.flush()
-        dispatches = tx.dispatches
-    if dispatches:
-        dispatcher.send(dispatches)
-    return run
+    now = utcnow()
+    run: dict[str, Any] = {
+        "id": new_id(),
+        "name": spec.name,
+        "status": WorkflowStatus.running,
+        "spec": validated.dump(),
+        "api_key_id": api_key_id,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "error": None,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": None,
+    }
+    _remember_spec(run["id"], run["spec"])
+    states = {
+        s.id: StepState(new_id(), s.id, s.model, StepStatus.pending, 0, s.retry.max_attempts)
+        for s in spec.steps
+    }
+    with db.connection_scope(write=True) as conn:
+        tx = _Tx(conn, WorkflowState(run["id"], spec.name, WorkflowStatus.running))
+        tx.rows, tx.persisted = states, False
+        _settle(tx, states)
+        run.update(tx.workflow.changed)
+        new_steps = [
+            {
+                "id": state.id,
+                "workflow_id": run["id"],
+                "step_id": step.id,
+                "position": position,
+                "kind": step.kind,
+                "model": step.model,
+                "status": StepStatus.pending,
+                "depends_on": list(step.depends_on),
+                "attempts": 0,
+                "max_attempts": state.max_attempts,
+                "output": None,
+                "error": None,
+                "queued_at": None,
+                "dispatched_at": None,
+                "started_at": None,
+                "finished_at": None,
+                "updated_at": now,
+                **state.changed,
+            }
+            for position, (step, state) in enumerate(zip(spec.steps, states.values(), strict=True))
+        ]
+        rows.insert_workflow(conn, run, new_steps)
+    if tx.dispatches:
+        dispatcher.send(tx.dispatches)
+    if tx.workflow.status.terminal:  # every step skipped at once
+        notify.publish_finished(run["id"])
+    return WorkflowRun(**run)
 
 
 def find_idempotent(session: Session, api_key_id: int | None, key: str) -> WorkflowRun | None:
@@ -188,21 +198,6 @@ def find_idempotent(session: Session, api_key_id: int | None, key: str) -> Workf
             WorkflowRun.api_key_id == api_key_id, WorkflowRun.idempotency_key == key
         )
     ).first()
-
-
-def _context(tx: _Tx, steps: dict[str, StepRun]) -> dict[str, Any]:
-    return {
-        "workflow": {"id": tx.workflow.id, "name": tx.workflow.name},
-        "steps": {
-            sid: {
-                "status": s.status.value,
-                "output": s.output,
-                "attempts": s.attempts,
-                "error": s.error,
-            }
-            for sid, s in steps.items()
-        },
-    }
 
 
 @dataclass(frozen=True)
@@ -235,19 +230,14 @@ def _remember_spec(workflow_id: str, raw: dict[str, Any]) -> _Spec:
     return spec
 
 
-def _spec_steps(tx: _Tx) -> dict[str, dict[str, Any]]:
-    """The workflow's step specs by id. A spec never changes after submit, so each process
-    parses it once (an LRU of recent workflows) instead of in every transaction."""
-    wid = tx.workflow.id
-    spec = _cached_spec(wid) or _remember_spec(wid, tx.workflow.spec)  # loads it if deferred
-    return spec.steps
-
-
-def _step_spec(tx: _Tx, step_id: str) -> dict[str, Any]:
-    step = _spec_steps(tx).get(step_id)
-    if step is None:
-        raise NotFoundError(f"step {step_id!r} is not in workflow {tx.workflow.id}")
-    return dict(step)
+def _spec_of(conn: Connection, workflow_id: str) -> _Spec:
+    """A workflow's parsed spec. It never changes after submit, so each process parses it
+    once (an LRU of recent workflows) instead of reading it in every transaction."""
+    spec = _cached_spec(workflow_id)
+    if spec is None:
+        raw = conn.execute(rows.SPEC, {"workflow_id": workflow_id}).scalar_one()
+        spec = _remember_spec(workflow_id, dict(raw))
+    return spec
 
 
 def _ancestors(specs: Mapping[str, Mapping[str, Any]], step_id: str) -> set[str]:
@@ -262,62 +252,97 @@ def _ancestors(specs: Mapping[str, Mapping[str, Any]], step_id: str) -> set[str]
     return seen
 
 
-def _settle(tx: _Tx, steps: dict[str, StepRun]) -> None:
+def _context(tx: _Tx, steps: dict[str, StepState], step_id: str) -> dict[str, Any]:
+    """What a condition of ``step_id`` may read: the workflow and the steps above it.
+
+    Columns this transaction changed come from memory; the rest (earlier outputs) are
+    read, for those steps only.
+    """
+    ancestors = _ancestors(_spec_of(tx.conn, tx.workflow.id).steps, step_id)
+    found: dict[str, dict[str, Any]] = {}
+    if ancestors and tx.persisted:
+        params = {"workflow_id": tx.workflow.id, "step_ids": sorted(ancestors)}
+        for sid, status, output, attempts, error in tx.conn.execute(rows.CONTEXT, params):
+            found[sid] = {"status": status, "output": output, "attempts": attempts, "error": error}
+    context: dict[str, dict[str, Any]] = {}
+    for sid in ancestors:
+        state = steps[sid]
+        entry = found.get(sid, {"output": None, "error": None})
+        entry.update(
+            {k: state.changed[k] for k in ("output", "error") if k in state.changed},
+            status=state.status.value,
+            attempts=state.attempts,
+        )
+        context[sid] = entry
+    return {"workflow": {"id": tx.workflow.id, "name": tx.workflow.name}, "steps": context}
+
+
+def _settle(tx: _Tx, steps: dict[str, StepState]) -> None:
     """Decide every pending step whose dependencies are done; then the workflow's status."""
     now = utcnow()
+    specs = _spec_of(tx.conn, tx.workflow.id).steps
     changed = tx.workflow.status is WorkflowStatus.running
     while changed:
         changed = False
         for step in steps.values():
             if step.status is not StepStatus.pending:
                 continue
-            deps = [steps[d] for d in step.depends_on]
+            spec = specs[step.step_id]
+            deps = [steps[d] for d in spec.get("depends_on") or ()]
             if not all(d.status.terminal for d in deps):
                 continue
             changed = True
-            step.updated_at = now
             if any(d.status in (StepStatus.failed, StepStatus.cancelled) for d in deps):
-                step.status, step.finished_at = StepStatus.cancelled, now
-                step.error = "cancelled: a dependency did not succeed"
+                step.set(status=StepStatus.cancelled, finished_at=now, updated_at=now)
+                step.set(error="cancelled: a dependency did not succeed")
                 continue
             if deps and all(d.status is StepStatus.skipped for d in deps):
-                step.status, step.finished_at = StepStatus.skipped, now
-                step.error = "skipped: every dependency was skipped"
+                step.set(status=StepStatus.skipped, finished_at=now, updated_at=now)
+                step.set(error="skipped: every dependency was skipped")
                 continue
-            when = _step_spec(tx, step.step_id).get("when")
+            when = spec.get("when")
             if when:
                 try:
-                    go = evaluate(when, _context(tx, steps))
+                    go = evaluate(when, _context(tx, steps, step.step_id))
                 except (TemplateError, TypeError, ValueError, ArithmeticError) as exc:
-                    step.status, step.finished_at = StepStatus.failed, now
-                    step.error = f"condition {when!r} failed to evaluate: {exc}"
+                    step.set(status=StepStatus.failed, finished_at=now, updated_at=now)
+                    step.set(error=f"condition {when!r} failed to evaluate: {exc}")
                     continue
                 if not go:
-                    step.status, step.finished_at = StepStatus.skipped, now
-                    step.error = f"skipped: condition {when!r} is false"
+                    step.set(status=StepStatus.skipped, finished_at=now, updated_at=now)
+                    step.set(error=f"skipped: condition {when!r} is false")
                     continue
-            step.status, step.queued_at, step.dispatched_at = StepStatus.queued, now, None
+            step.set(status=StepStatus.queued, queued_at=now, dispatched_at=None, updated_at=now)
             tx.dispatches.append(Dispatch(step.id, step.model, step.attempts + 1))
     _finish_workflow(tx, steps)
 
 
-def _finish_workflow(tx: _Tx, steps: dict[str, StepRun]) -> None:
+def _finish_workflow(tx: _Tx, steps: dict[str, StepState]) -> None:
     run = tx.workflow
     if run.status.terminal:
         return
     now = utcnow()
     failed = [s for s in steps.values() if s.status is StepStatus.failed]
     if failed:
-        run.status, run.finished_at, run.updated_at = WorkflowStatus.failed, now, now
-        run.error = f"step {failed[0].step_id!r} failed: {failed[0].error}"
+        error = failed[0].changed.get("error") or _error_of(tx, failed[0])
+        run.set(status=WorkflowStatus.failed, finished_at=now, updated_at=now)
+        run.set(error=f"step {failed[0].step_id!r} failed: {error}")
         # Nothing new starts; steps already running finish and record their result.
         for s in steps.values():
             if s.status is StepStatus.pending or s.status in SENDABLE:
-                s.status, s.finished_at, s.updated_at = StepStatus.cancelled, now, now
-                s.error = f"cancelled: workflow failed at step {failed[0].step_id!r}"
+                s.set(status=StepStatus.cancelled, finished_at=now, updated_at=now)
+                s.set(error=f"cancelled: workflow failed at step {failed[0].step_id!r}")
         tx.dispatches.clear()
     elif all(s.status.terminal for s in steps.values()):
-        run.status, run.finished_at, run.updated_at = WorkflowStatus.succeeded, now, now
+        run.set(status=WorkflowStatus.succeeded, finished_at=now, updated_at=now)
+
+
+def _error_of(tx: _Tx, step: StepState) -> str | None:
+    if not tx.persisted:
+        return None
+    params = {"workflow_id": tx.workflow.id, "step_ids": [step.step_id]}
+    found = tx.conn.execute(rows.CONTEXT, params).first()
+    return found.error if found is not None else None
 
 
 def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
@@ -328,75 +353,23 @@ def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
         return None
 
 
-# A delivery may claim a step that is ready for exactly this attempt, or (a redelivery after
-# a worker died mid-step: acks_late) one already running this attempt; never a step of a
-# workflow that has ended.
-def _claimable(attempt: int) -> Any:
-    live_workflow = (
-        select(WorkflowRun.id)
-        .where(
-            WorkflowRun.id == StepRun.workflow_id,
-            WorkflowRun.status == WorkflowStatus.running,
-        )
-        .exists()
-    )
-    return and_(
-        or_(
-            and_(
-                col(StepRun.status).in_(SENDABLE),
-                col(StepRun.attempts) == attempt - 1,
-            ),
-            and_(
-                col(StepRun.status) == StepStatus.running,
-                col(StepRun.attempts) == attempt,
-            ),
-        ),
-        live_workflow,
-    )
-
-
 def _claim(step_run_id: str, attempt: int) -> StepWork | None:
     # A claim changes only its own step's row, so it is one conditional UPDATE: no workflow
     # lock. A writer that holds the lock (a cancel, a failing sibling) and overwrites the
     # row afterwards wins, and the worker then finds its result refused.
     now = utcnow()
-    with db.session_scope(write=True) as session:
-        claimed = session.execute(
-            update(StepRun)
-            .where(col(StepRun.id) == step_run_id, _claimable(attempt))
-            .values(status=StepStatus.running, attempts=attempt, started_at=now, updated_at=now)
-            .returning(
-                col(StepRun.workflow_id),
-                col(StepRun.step_id),
-                col(StepRun.kind),
-                col(StepRun.model),
-                col(StepRun.queued_at),
-                col(StepRun.error),
-            )
-            .execution_options(synchronize_session=False)
-        ).first()
+    with db.connection_scope(write=True) as conn:
+        claimed = conn.execute(rows.CLAIM, rows.claim_params(step_run_id, attempt, now)).first()
         if claimed is None:
-            _log_stale(session, step_run_id, attempt)
+            _log_stale(conn, step_run_id, attempt)
             return None
         workflow_id, step_id, kind, model, queued_at, error = claimed
-        spec = _cached_spec(workflow_id)
-        if spec is None:
-            raw = session.exec(select(WorkflowRun.spec).where(WorkflowRun.id == workflow_id)).one()
-            spec = _remember_spec(workflow_id, dict(raw))
+        spec = _spec_of(conn, workflow_id)
         # The steps its templates may read are finished: their rows no longer change.
         ancestors = _ancestors(spec.steps, step_id)
-        rows = (
-            session.execute(
-                sa_select(
-                    col(StepRun.step_id),
-                    col(StepRun.status),
-                    col(StepRun.output),
-                    col(StepRun.attempts),
-                    col(StepRun.error),
-                ).where(
-                    col(StepRun.workflow_id) == workflow_id,
-                    col(StepRun.step_id).in_(ancestors),
-                )
+        found = (
+            conn.execute(
+                rows.CONTEXT, {"workflow_id": workflow_id, "step_ids": sorted(ancestors)}
             ).all()
             if ancestors
             else []
@@ -404,7 +377,7 @@ def _claim(step_run_id: str, attempt: int) -> StepWork | None:
     step_spec = spec.steps[step_id]
     context_steps = {
         sid: {"status": st.value, "output": out, "attempts": n, "error": err}
-        for sid, st, out, n, err in rows
+        for sid, st, out, n, err in found
     }
     context_steps[step_id] = {
         "status": StepStatus.running.value,
@@ -432,10 +405,8 @@ def _claim(step_run_id: str, attempt: int) -> StepWork | None:
     return work
 
 
-def _log_stale(session: Session, step_run_id: str, attempt: int) -> None:
-    found = session.exec(
-        select(StepRun.status, StepRun.attempts).where(StepRun.id == step_run_id)
-    ).first()
+def _log_stale(conn: Connection, step_run_id: str, attempt: int) -> None:
+    found = conn.execute(rows.STALE, {"step_run_id": step_run_id}).first()
     if found is None:
         raise _StepGone(f"no step run {step_run_id!r}")
     log.info(
@@ -453,12 +424,12 @@ def complete_step(
     """Store a step's output and advance; False when this attempt no longer owns the step."""
     with _locked(None, dispatcher, step_run_id=step_run_id) as tx:
         steps = tx.steps()
-        step = next(s for s in steps.values() if s.id == step_run_id)
+        step = steps[str(tx.step_id)]
         if step.status is not StepStatus.running or step.attempts != attempt:
             return False
         now = utcnow()
-        step.status, step.output, step.error = StepStatus.succeeded, output, None
-        step.finished_at = step.updated_at = now
+        step.set(status=StepStatus.succeeded, output=output, error=None)
+        step.set(finished_at=now, updated_at=now)
         _settle(tx, steps)
         return True
 
@@ -469,20 +440,20 @@ def fail_step(
     """Record a failed attempt: retry with backoff if allowed, else fail the workflow."""
     with _locked(None, dispatcher, step_run_id=step_run_id) as tx:
         steps = tx.steps()
-        step = next(s for s in steps.values() if s.id == step_run_id)
+        step = steps[str(tx.step_id)]
         if step.status is not StepStatus.running or step.attempts != attempt:
             return None
         now = utcnow()
-        step.error, step.updated_at = error, now
+        step.set(error=error, updated_at=now)
         if retryable and attempt < step.max_attempts and not tx.workflow.status.terminal:
-            retry = _step_spec(tx, step.step_id).get("retry") or {}
+            retry = _spec_of(tx.conn, tx.workflow.id).steps[step.step_id].get("retry") or {}
             delay = backoff_delay(
                 attempt, float(retry.get("backoff_s", 1.0)), float(retry.get("max_backoff_s", 60.0))
             )
-            step.status, step.queued_at, step.dispatched_at = StepStatus.retrying, now, None
+            step.set(status=StepStatus.retrying, queued_at=now, dispatched_at=None)
             tx.dispatches.append(Dispatch(step.id, step.model, attempt + 1, delay))
         else:
-            step.status, step.finished_at = StepStatus.failed, now
+            step.set(status=StepStatus.failed, finished_at=now)
             _settle(tx, steps)
         return step.status
 
@@ -500,13 +471,17 @@ def cancel_workflow(workflow_id: str) -> WorkflowRun:
         if run.status.terminal:
             raise ConflictError(f"workflow {workflow_id} is already {run.status.value}")
         now = utcnow()
-        run.status, run.finished_at, run.updated_at = WorkflowStatus.cancelled, now, now
-        run.error = "cancelled by request"
+        run.set(status=WorkflowStatus.cancelled, finished_at=now, updated_at=now)
+        run.set(error="cancelled by request")
         for step in tx.steps().values():
             if not step.status.terminal:
-                step.status, step.finished_at, step.updated_at = StepStatus.cancelled, now, now
-                step.error = "cancelled by request"
-        return run
+                step.set(status=StepStatus.cancelled, finished_at=now, updated_at=now)
+                step.set(error="cancelled by request")
+    with db.session_scope() as session:
+        cancelled = session.get(WorkflowRun, workflow_id)
+        if cancelled is None:  # deleted in between: report what was committed
+            raise NotFoundError(f"no workflow {workflow_id!r}")
+        return cancelled
 
 
 def note_cancelled(step_run_id: str, attempt: int, detail: str) -> None:

@@ -1,0 +1,166 @@
+"""The engine's rows: what a transaction reads of a workflow, what it changed, and the SQL.
+
+The engine's hot paths (claim a step, store a result, advance) run a few statements each,
+many times a second. They use SQLAlchemy Core on the transaction's connection with
+statements built once here, not the ORM: no identity map, no unit of work, no per-call
+expression building, and a settle reads each step's status columns only (no JSON). A
+:class:`StepState` records the columns a transaction set, and :func:`flush` writes them
+with one ``UPDATE`` per distinct set of columns (executemany).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, and_, bindparam, insert, or_, select, update
+from sqlalchemy.sql import Executable
+
+from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
+
+SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
+
+STEP = cast(Table, getattr(StepRun, "__table__"))  # noqa: B009 (SQLModel does not type it)
+WORKFLOW = cast(Table, getattr(WorkflowRun, "__table__"))  # noqa: B009
+_s, _w = STEP.c, WORKFLOW.c
+
+
+@dataclass(slots=True)
+class WorkflowState:
+    """A workflow row inside a transaction: its identity, status and what changed."""
+
+    id: str
+    name: str
+    status: WorkflowStatus
+    changed: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, **values: Any) -> None:
+        self.changed.update(values)
+        if "status" in values:
+            self.status = values["status"]
+
+
+@dataclass(slots=True)
+class StepState:
+    """A step row inside a transaction: the columns settling reads, and what changed."""
+
+    id: str
+    step_id: str
+    model: str
+    status: StepStatus
+    attempts: int
+    max_attempts: int
+    changed: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, **values: Any) -> None:
+        self.changed.update(values)
+        if "status" in values:
+            self.status = values["status"]
+        if "attempts" in values:
+            self.attempts = values["attempts"]
+
+
+# ---- reads --------------------------------------------------------------------------
+
+LOCK_BY_STEP = (
+    select(_w.id, _w.name, _w.status, _s.step_id)
+    .select_from(WORKFLOW.join(STEP, _s.workflow_id == _w.id))
+    .where(_s.id == bindparam("step_run_id"))
+    .with_for_update(of=WORKFLOW)
+)
+LOCK_BY_ID = (
+    select(_w.id, _w.name, _w.status).where(_w.id == bindparam("workflow_id")).with_for_update()
+)
+STEPS = (
+    select(_s.id, _s.step_id, _s.model, _s.status, _s.attempts, _s.max_attempts)
+    .where(_s.workflow_id == bindparam("workflow_id"))
+    .order_by(_s.position)
+)
+SPEC = select(_w.spec).where(_w.id == bindparam("workflow_id"))
+# What templates and conditions may read of earlier steps.
+CONTEXT = select(_s.step_id, _s.status, _s.output, _s.attempts, _s.error).where(
+    _s.workflow_id == bindparam("workflow_id"),
+    _s.step_id.in_(bindparam("step_ids", expanding=True)),
+)
+STALE = select(_s.status, _s.attempts).where(_s.id == bindparam("step_run_id"))
+
+# ---- the claim ----------------------------------------------------------------------
+
+# A delivery may claim a step that is ready for exactly this attempt, or (a redelivery after
+# a worker died mid-step: acks_late) one already running this attempt; never a step of a
+# workflow that has ended.
+CLAIM = (
+    update(STEP)
+    .where(
+        _s.id == bindparam("step_run_id"),
+        or_(
+            and_(_s.status.in_(SENDABLE), _s.attempts == bindparam("previous")),
+            and_(_s.status == StepStatus.running, _s.attempts == bindparam("attempt")),
+        ),
+        select(_w.id).where(_w.id == _s.workflow_id, _w.status == WorkflowStatus.running).exists(),
+    )
+    .values(
+        status=StepStatus.running,
+        attempts=bindparam("attempt"),
+        started_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
+    .returning(_s.workflow_id, _s.step_id, _s.kind, _s.model, _s.queued_at, _s.error)
+)
+
+
+def claim_params(step_run_id: str, attempt: int, now: datetime) -> dict[str, Any]:
+    return {"step_run_id": step_run_id, "attempt": attempt, "previous": attempt - 1, "now": now}
+
+
+# ---- writes -------------------------------------------------------------------------
+
+_updates: dict[tuple[str, frozenset[str]], Executable] = {}
+
+
+def _update_for(table: Table, columns: frozenset[str]) -> Executable:
+    """``UPDATE table SET <columns> WHERE id = :_id``, built once per set of columns."""
+    key = (table.name, columns)
+    stmt = _updates.get(key)
+    if stmt is None:
+        stmt = _updates[key] = (
+            update(table)
+            .where(table.c.id == bindparam("_id"))
+            .values({c: bindparam(f"_{c}", type_=table.c[c].type) for c in sorted(columns)})
+        )
+    return stmt
+
+
+def _write(conn: Connection, table: Table, changes: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for row_id, changed in changes:
+        params = {f"_{k}": v for k, v in changed.items()}
+        params["_id"] = row_id
+        groups.setdefault(frozenset(changed), []).append(params)
+    for columns, params_list in groups.items():
+        conn.execute(_update_for(table, columns), params_list)
+
+
+def flush(
+    conn: Connection, workflow: WorkflowState | None, steps: Iterable[StepState] = ()
+) -> None:
+    """Write every change recorded on ``workflow`` and ``steps``, then forget them."""
+    changed = [s for s in steps if s.changed]
+    if changed:
+        _write(conn, STEP, ((s.id, s.changed) for s in changed))
+        for s in changed:
+            s.changed = {}
+    if workflow is not None and workflow.changed:
+        _write(conn, WORKFLOW, [(workflow.id, workflow.changed)])
+        workflow.changed = {}
+
+
+def insert_workflow(
+    conn: Connection, workflow: Mapping[str, Any], steps: list[dict[str, Any]]
+) -> None:
+    """Insert a new run and its steps (one statement each)."""
+    conn.execute(insert(WORKFLOW), [dict(workflow)])
+    if steps:
+        conn.execute(insert(STEP), steps)
