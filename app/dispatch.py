@@ -17,6 +17,7 @@ from datetime import timedelta
 
 import redis
 from celery import Celery
+from kombu.exceptions import BatchPublishError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 from sqlalchemy import update
@@ -145,18 +146,23 @@ class CeleryDispatcher:
         sent: list[Dispatch] = []
         try:
             with self.celery.producer_or_acquire() as producer:  # one connection per batch
-                for d in dispatches:
-                    self.celery.send_task(
-                        STEP_TASK,
-                        args=[d.step_run_id, d.attempt],
-                        queue=queue_for(d.model),
-                        countdown=d.countdown or None,
-                        producer=producer,
-                    )
-                    sent.append(d)
-        except (KombuOperationalError, RedisError, OSError) as exc:
+                # One pipelined round trip for the whole batch (a fan-out readies many).
+                with producer.batch():
+                    for d in dispatches:
+                        self.celery.send_task(
+                            STEP_TASK,
+                            args=[d.step_run_id, d.attempt],
+                            queue=queue_for(d.model),
+                            countdown=d.countdown or None,
+                            producer=producer,
+                            task_id=f"{d.step_run_id}-{d.attempt}",
+                        )
+                sent.extend(dispatches)  # flushed: every message is on the broker
+        except (KombuOperationalError, BatchPublishError, RedisError, OSError) as exc:
             # The steps stay `queued` and unconfirmed; the reconciler sends them later.
-            # They are committed; a broker outage delays them, it does not lose them.
+            # They are committed; a broker outage delays them, it does not lose them. (A
+            # batch that failed mid-flush may have delivered some: they are sent again,
+            # and the conditional claim drops the duplicates.)
             log.warning(
                 "could not enqueue %d step(s), the reconciler will: %s",
                 len(dispatches) - len(sent),

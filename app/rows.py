@@ -85,6 +85,28 @@ CONTEXT = select(_s.step_id, _s.status, _s.output, _s.attempts, _s.error).where(
     _s.step_id.in_(bindparam("step_ids", expanding=True)),
 )
 STALE = select(_s.status, _s.attempts).where(_s.id == bindparam("step_run_id"))
+# A status read (GET /v1/workflows/{id}): every column clients see, never the spec.
+VIEW_WORKFLOW = select(
+    _w.id, _w.name, _w.status, _w.error, _w.created_at, _w.finished_at, _w.api_key_id
+).where(_w.id == bindparam("workflow_id"))
+VIEW_STEPS = (
+    select(
+        _s.step_id,
+        _s.kind,
+        _s.model,
+        _s.status,
+        _s.depends_on,
+        _s.attempts,
+        _s.max_attempts,
+        _s.output,
+        _s.error,
+        _s.queued_at,
+        _s.started_at,
+        _s.finished_at,
+    )
+    .where(_s.workflow_id == bindparam("workflow_id"))
+    .order_by(_s.position)
+)
 
 # ---- the claim ----------------------------------------------------------------------
 

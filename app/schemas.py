@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+from sqlalchemy import Row
 
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
@@ -28,7 +29,7 @@ class StepPublic(BaseModel):
     duration_ms: float | None
 
     @classmethod
-    def of(cls, row: StepRun) -> StepPublic:
+    def of(cls, row: StepRun | Row[*tuple[Any, ...]]) -> StepPublic:
         duration = (
             (row.finished_at - row.started_at).total_seconds() * 1000
             if row.finished_at and row.started_at
@@ -62,7 +63,7 @@ class WorkflowSummary(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, row: WorkflowRun) -> WorkflowSummary:
+    def of(cls, row: WorkflowRun | Row[*tuple[Any, ...]]) -> WorkflowSummary:
         return cls(
             id=row.id,
             name=row.name,

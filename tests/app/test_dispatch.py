@@ -3,13 +3,15 @@ reached the broker, and never confirms a send that is not the latest."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import redis
 from sqlmodel import select
 
 from app import db, dispatch, engine
-from app.core.config import Settings
+from app.core.config import Settings, use_settings
 from app.dispatch import (
     SENT_PREFIX,
     CeleryDispatcher,
@@ -18,6 +20,7 @@ from app.dispatch import (
     record_sent,
     sent_attempts,
 )
+from app.embedded import EmbeddedRedis
 from app.engine import Dispatch
 from app.spec import validate_workflow
 from app.tables import StepRun, StepStatus
@@ -150,3 +153,48 @@ def test_forgetting_a_confirmed_send_keeps_a_newer_marker(settings: Settings) ->
     finally:
         client.delete(SENT_PREFIX + "s-old", SENT_PREFIX + "s-new")
         client.close()
+
+
+def test_a_batch_goes_out_in_one_flush_with_the_step_as_task_id(settings: Settings) -> None:
+    from workers.celery_app import make_celery
+
+    sids = [one_step(settings) for _ in range(3)]
+    celery = make_celery()
+    queue = "model.nobody-serves-this"
+    client = redis_client(settings)
+    try:
+        CeleryDispatcher(celery).send([Dispatch(s, "nobody-serves-this", 1) for s in sids])
+        assert client.llen(queue) == 3
+        assert sent_attempts(client, sids) == dict.fromkeys(sids, 1)
+        ids = {json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)}
+        assert ids == {f"{s}-1" for s in sids}  # Flower shows the step run and attempt
+    finally:
+        client.delete(queue, *(SENT_PREFIX + s for s in sids))
+        client.close()
+        celery.close()
+
+
+def test_a_broker_that_dies_between_sends_leaves_the_steps_to_the_reconciler(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from workers.celery_app import make_celery
+
+    server = EmbeddedRedis(tmp_path / "redis", persist=True).start()  # markers survive
+    try:
+        with use_settings(settings.model_copy(update={"redis_url": server.url})) as isolated:
+            celery = make_celery()
+            sender = CeleryDispatcher(celery)
+            first, second = one_step(isolated), one_step(isolated)
+            sender.send([Dispatch(first, "nobody-serves-this", 1)])  # a pooled connection
+            server.stop()
+            sender.send([Dispatch(second, "nobody-serves-this", 1)])  # no exception
+            server.start()
+            client = redis_client(isolated)
+            assert sent_attempts(client, [first, second]) == {first: 1}
+            client.close()
+            celery.close()
+            resent = RecordingDispatcher()
+            reconcile(resent, older_than_s=0)
+            assert second in {d.step_run_id for d in resent.sent}
+    finally:
+        server.stop()

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import select
 
-from app import db, engine, live, notify
+from app import db, engine, live, notify, rows
 from app.api.deps import (
     ApiKeyDep,
     CatalogDep,
@@ -28,9 +28,15 @@ from app.api.deps import (
 from app.core.config import Settings
 from app.engine import Dispatcher
 from app.errors import ConflictError, NotFoundError, SpecError
-from app.schemas import WorkflowAccepted, WorkflowPage, WorkflowPublic, WorkflowSummary
+from app.schemas import (
+    StepPublic,
+    WorkflowAccepted,
+    WorkflowPage,
+    WorkflowPublic,
+    WorkflowSummary,
+)
 from app.spec import WorkflowSpec, validate_workflow
-from app.tables import ApiKey, StepRun, WorkflowRun, WorkflowStatus
+from app.tables import ApiKey, WorkflowRun, WorkflowStatus
 from app.tokens import count_tokens
 from models.catalog import Catalog
 
@@ -147,23 +153,17 @@ def _owned(session: SessionDep, key: ApiKeyDep, workflow_id: str) -> WorkflowRun
     return run
 
 
-def _view(session: Session, key_id: int | None, workflow_id: str) -> WorkflowPublic:
-    from app.schemas import StepPublic
-
-    run = session.get(WorkflowRun, workflow_id)
-    if run is None or run.api_key_id != key_id:
-        raise NotFoundError(f"no workflow {workflow_id!r}")
-    steps = session.exec(
-        select(StepRun).where(StepRun.workflow_id == run.id).order_by(StepRun.position)  # type: ignore[arg-type]
-    ).all()
+def _fresh_view(key_id: int | None, workflow_id: str) -> WorkflowPublic:
+    """A workflow and its steps as its owner sees them (Core reads: no spec, no ORM)."""
+    params = {"workflow_id": workflow_id}
+    with db.connection_scope() as conn:
+        run = conn.execute(rows.VIEW_WORKFLOW, params).first()
+        if run is None or run.api_key_id != key_id:
+            raise NotFoundError(f"no workflow {workflow_id!r}")
+        steps = conn.execute(rows.VIEW_STEPS, params).all()
     return WorkflowPublic(
         **WorkflowSummary.of(run).model_dump(), steps=[StepPublic.of(s) for s in steps]
     )
-
-
-def _fresh_view(key_id: int | None, workflow_id: str) -> WorkflowPublic:
-    with db.session_scope() as session:
-        return _view(session, key_id, workflow_id)
 
 
 @router.get("/{workflow_id}", response_model=WorkflowPublic)
