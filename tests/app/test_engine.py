@@ -185,6 +185,35 @@ def test_conditions_and_skip_propagation(
     assert workflow(wid).status is WorkflowStatus.succeeded
 
 
+def test_a_condition_reads_outputs_stored_by_earlier_results(
+    settings: Settings, dispatcher: RecordingDispatcher
+) -> None:
+    """`c` waits for `a` and `b`; its condition reads `a`'s output, stored one result earlier
+    (read from the database), and `b`'s attempts, changed in the same transaction."""
+    wid = create(
+        settings,
+        dispatcher,
+        [
+            gen("a"),
+            gen("b"),
+            gen(
+                "c",
+                depends_on=["a", "b"],
+                when="steps.a.output.text == 'yes' and steps.b.attempts == 1",
+            ),
+            gen("d", depends_on=["a", "b"], when="steps.a.output.text == 'no'"),
+        ],
+    )
+    first, second = sorted(dispatcher.sent, key=lambda d: d.step_run_id != steps_of(wid)["a"].id)
+    run_ok(first, RecordingDispatcher(), text="yes")  # a
+    after = RecordingDispatcher()
+    run_ok(second, after, text="whatever")  # b: c and d are decided now
+    s = steps_of(wid)
+    assert [d.step_run_id for d in after.sent] == [s["c"].id]
+    assert s["c"].status is StepStatus.queued
+    assert s["d"].status is StepStatus.skipped and "is false" in (s["d"].error or "")
+
+
 def test_templates_render_from_parent_outputs(
     settings: Settings, dispatcher: RecordingDispatcher
 ) -> None:
