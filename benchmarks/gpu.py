@@ -16,7 +16,7 @@ from typing import Any
 from benchmarks.overhead import wait_done
 from benchmarks.stack import GPU_MODEL, Stack
 from benchmarks.stats import ratio, summary
-from benchmarks.work import GenCall, load_llama
+from benchmarks.work import GenCall, load_llama, no_eos
 
 # Published peak memory bandwidth, GB/s, by a substring of the nvidia-smi name.
 BANDWIDTH_GBS = {
@@ -48,23 +48,26 @@ def bandwidth_for(gpu_names: list[str]) -> float | None:
 
 
 def _direct(llm: Any, call: GenCall) -> tuple[float, float, int]:
-    """(wall seconds, decode seconds after the first token, completion tokens)."""
-    import numpy as np
-    from llama_cpp import LogitsProcessorList
+    """(wall seconds, decode seconds after the first token, completion tokens).
 
-    eos = int(llm.token_eos())
+    The first token is timed by a stopping criterion, as Corral's runtime times it (a
+    logits processor would slow every token of this side only).
+    """
+    from llama_cpp import StoppingCriteriaList
+
     first: list[float] = []
 
-    def probe(_ids: Any, scores: Any) -> Any:
+    def probe(_ids: Any, _logits: Any) -> bool:
         if not first:
             first.append(time.perf_counter())
-        if call.ignore_eos:
-            scores[eos] = -np.inf
-        return scores
+        return False
 
+    kwargs = call.llama_kwargs()
+    if call.ignore_eos:
+        kwargs["logits_processor"] = no_eos(llm)
     t0 = time.perf_counter()
     out = llm.create_completion(
-        call.prompt, logits_processor=LogitsProcessorList([probe]), **call.llama_kwargs()
+        call.prompt, stopping_criteria=StoppingCriteriaList([probe]), **kwargs
     )
     end = time.perf_counter()
     return end - t0, end - (first[0] if first else t0), int(out["usage"]["completion_tokens"])

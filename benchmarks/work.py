@@ -81,19 +81,24 @@ def load_llama(path: Path, n_ctx: int, n_gpu_layers: int = 0) -> Any:
     )
 
 
+def no_eos(llm: Any) -> Any:
+    """A logits processor that never lets the model end (``ignore_eos``), as Corral's."""
+    import numpy as np
+    from llama_cpp import LogitsProcessorList
+
+    eos = int(llm.token_eos())
+
+    def process(_ids: Any, scores: Any) -> Any:
+        scores[eos] = -np.inf
+        return scores
+
+    return LogitsProcessorList([process])
+
+
 def complete(llm: Any, call: GenCall) -> dict[str, Any]:
     """Make ``call`` on a loaded model; returns llama-cpp-python's completion dict."""
     kwargs = call.llama_kwargs()
     if call.ignore_eos:
-        import numpy as np
-        from llama_cpp import LogitsProcessorList
-
-        eos = int(llm.token_eos())
-
-        def no_eos(_ids: Any, scores: Any) -> Any:
-            scores[eos] = -np.inf
-            return scores
-
-        kwargs["logits_processor"] = LogitsProcessorList([no_eos])
+        kwargs["logits_processor"] = no_eos(llm)
     out: dict[str, Any] = llm.create_completion(call.prompt, **kwargs)
     return out

@@ -32,7 +32,6 @@ class RunControl:
     timeout_s: float | None = None
     should_cancel: Callable[[], bool] = lambda: False
     poll_s: float = 0.1
-    ignore_eos: bool = False
     stopped: str | None = None  # "timeout" | "cancelled" once the control stopped the model
     first_token_at: float | None = None
     tokens: int = 0  # tokens sampled so far in this call
@@ -89,6 +88,32 @@ class Placement:
     n_threads: int | None = None
 
 
+_LLAMA: type[Any] | None = None
+
+
+def _llama_class() -> type[Any]:
+    """``llama_cpp.Llama`` whose completions also ask ``extra_stop``, when one is set.
+
+    ``create_chat_completion`` takes no stopping criteria; its chat handler calls
+    ``create_completion`` with the template's own, and this adds the step's to them.
+    """
+    global _LLAMA
+    if _LLAMA is None:
+        from llama_cpp import Llama, StoppingCriteriaList
+
+        class CorralLlama(Llama):
+            extra_stop: Callable[[Any, Any], bool] | None = None
+
+            def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+                if self.extra_stop is not None:
+                    own = kwargs.get("stopping_criteria") or []
+                    kwargs["stopping_criteria"] = StoppingCriteriaList([*own, self.extra_stop])
+                return super().create_completion(*args, **kwargs)
+
+        _LLAMA = CorralLlama
+    return _LLAMA
+
+
 class LlamaCppRuntime:
     """A GGUF model loaded once through llama-cpp-python."""
 
@@ -99,8 +124,6 @@ class LlamaCppRuntime:
         placement: Placement | None = None,
         n_ctx: int | None = None,
     ) -> None:
-        from llama_cpp import Llama
-
         placement = placement or Placement()
         self.name = entry.name
         self.kind = entry.kind
@@ -108,7 +131,7 @@ class LlamaCppRuntime:
         started = time.perf_counter()
         embed = entry.kind == "embed"
         try:
-            self.llm = Llama(
+            self.llm: Any = _llama_class()(
                 model_path=str(path),
                 n_ctx=self.n_ctx,
                 n_batch=self.n_ctx if embed else min(512, self.n_ctx),
@@ -142,7 +165,8 @@ class LlamaCppRuntime:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             def text(token: int) -> str:
-                return self.llm.detokenize([token], special=True).decode("utf-8", "ignore")
+                piece: bytes = self.llm.detokenize([token], special=True)
+                return piece.decode("utf-8", "ignore")
 
             self._formatter = Jinja2ChatFormatter(
                 template, text(self.eos), text(int(self.llm.token_bos())), stop_token_ids=[self.eos]
@@ -151,26 +175,39 @@ class LlamaCppRuntime:
         prompt = result.prompt.encode("utf-8")
         return len(self.llm.tokenize(prompt, add_bos=not result.added_special, special=True))
 
-    def _processor(self, control: RunControl) -> Callable[[Any, Any], Any]:
+    @staticmethod
+    def _stopper(control: RunControl) -> Callable[[Any, Any], bool]:
+        """A stopping criterion: llama.cpp asks it after every sampled token.
+
+        It reads no logits, so it costs one Python call per token, where a logits
+        processor costs a NumPy record array over the whole vocabulary per token (a fifth
+        of a tiny model's step).
+        """
+
+        def stop(_input_ids: Any, _logits: Any) -> bool:
+            if control.stopped is not None:
+                return True
+            if control.first_token_at is None:
+                control.first_token_at = time.perf_counter()
+            control.tokens += 1
+            control.stopped = control.check()
+            return control.stopped is not None
+
+        return stop
+
+    def _no_eos(self) -> Any:
+        """A logits processor that never lets the model end (``ignore_eos`` only)."""
+        from llama_cpp import LogitsProcessorList
+
         eos = self.eos
 
         def process(
             _input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
         ) -> npt.NDArray[np.single]:
-            if control.first_token_at is None:
-                control.first_token_at = time.perf_counter()
-            control.tokens += 1
-            if control.stopped is None:
-                control.stopped = control.check()
-            if control.stopped is not None:
-                # Make end-of-sequence the only choice: llama.cpp stops at the next token.
-                scores[:] = -np.inf
-                scores[eos] = 0.0
-            elif control.ignore_eos:
-                scores[eos] = -np.inf
+            scores[eos] = -np.inf
             return scores
 
-        return process
+        return LogitsProcessorList([process])
 
     @staticmethod
     def _sampling(inp: dict[str, Any]) -> dict[str, Any]:
@@ -205,34 +242,33 @@ class LlamaCppRuntime:
         }
 
     def generate(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
-        from llama_cpp import LogitsProcessorList
+        from llama_cpp import StoppingCriteriaList
 
         prompt: str = inp["prompt"]
         n_prompt = len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
         self._check_fits(n_prompt, inp["max_tokens"])
-        control.ignore_eos = bool(inp.get("ignore_eos"))
         started = time.perf_counter()
         resp = self.llm.create_completion(
             prompt,
-            logits_processor=LogitsProcessorList([self._processor(control)]),
+            stopping_criteria=StoppingCriteriaList([self._stopper(control)]),
+            logits_processor=self._no_eos() if inp.get("ignore_eos") else None,
             **self._sampling(inp),
         )
         return self._finish(cast(dict[str, Any], resp), control, started)
 
     def chat(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
-        from llama_cpp import LogitsProcessorList
-
-        control.ignore_eos = bool(inp.get("ignore_eos"))
         grammar = None
         if inp.get("grammar"):  # GBNF that constrains the reply (memory tool calls)
             from llama_cpp.llama_grammar import LlamaGrammar
 
             grammar = LlamaGrammar.from_string(inp["grammar"], verbose=False)
         started = time.perf_counter()
+        # The chat handler passes stopping criteria of its own; ours joins them.
+        self.llm.extra_stop = self._stopper(control)
         try:
             resp = self.llm.create_chat_completion(
                 messages=inp["messages"],
-                logits_processor=LogitsProcessorList([self._processor(control)]),
+                logits_processor=self._no_eos() if inp.get("ignore_eos") else None,
                 grammar=grammar,
                 **self._sampling(inp),
             )
@@ -242,6 +278,8 @@ class LlamaCppRuntime:
                     f"the chat prompt does not fit model {self.name!r}: {exc}"
                 ) from exc
             raise
+        finally:
+            self.llm.extra_stop = None
         out = self._finish(cast(dict[str, Any], resp), control, started)
         out["message"] = {"role": "assistant", "content": out["text"]}
         return out

@@ -87,6 +87,46 @@ def test_cancel_stops_the_model(chat: LlamaCppRuntime) -> None:
     assert control.tokens <= 5
 
 
+def chat_params(**kw: object) -> dict[str, object]:
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    return ChatInput.model_validate({"messages": messages, **kw}).model_dump()
+
+
+def test_cancel_stops_a_chat(chat: LlamaCppRuntime) -> None:
+    # The chat handler builds its own stopping criteria; the step's must join them.
+    calls = {"n": 0}
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    control = RunControl(should_cancel=cancelled, poll_s=0.0)
+    with pytest.raises(StepCancelled, match="stopped the model after"):
+        chat.chat(chat_params(max_tokens=7000, ignore_eos=True), control)
+    assert control.tokens <= 5
+    # The criterion is the call's only: the next chat runs to its end.
+    out = chat.chat(chat_params(max_tokens=20, ignore_eos=True), RunControl())
+    assert out["completion_tokens"] == 20
+
+
+def test_timeout_stops_a_chat(chat: LlamaCppRuntime) -> None:
+    control = RunControl(deadline=time.monotonic() + 0.05, timeout_s=0.05)
+    with pytest.raises(StepTimeout):
+        chat.chat(chat_params(max_tokens=7000, ignore_eos=True), control)
+    assert 0 < control.tokens < 7000
+
+
+def test_generate_matches_llama_cpp_direct(chat: LlamaCppRuntime) -> None:
+    # Stopping checks and timing ride along without changing what the model samples.
+    kw = {"max_tokens": 24, "temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 7}
+    ours = chat.generate(params(**kw), RunControl())
+    direct = chat.llm.create_completion(
+        "Once upon a time", **kw, repeat_penalty=params()["repeat_penalty"]
+    )
+    assert ours["text"] == direct["choices"][0]["text"]
+    assert ours["completion_tokens"] == direct["usage"]["completion_tokens"] == 24
+
+
 def test_prompt_over_context_is_an_input_error(chat: LlamaCppRuntime) -> None:
     with pytest.raises(StepInputError, match="8192-token context"):
         chat.generate(params(prompt="hello world " * 5000, max_tokens=10), RunControl())
