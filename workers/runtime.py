@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -241,19 +242,27 @@ class LlamaCppRuntime:
             },
         }
 
-    def generate(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
-        from llama_cpp import StoppingCriteriaList
+    @contextmanager
+    def _stopping(self, control: RunControl) -> Iterator[None]:
+        """Within the block, every completion also asks ``control`` whether to stop (chat's
+        handler passes stopping criteria of its own: the step's joins them)."""
+        self.llm.extra_stop = self._stopper(control)
+        try:
+            yield
+        finally:
+            self.llm.extra_stop = None
 
+    def generate(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
         prompt: str = inp["prompt"]
         n_prompt = len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
         self._check_fits(n_prompt, inp["max_tokens"])
         started = time.perf_counter()
-        resp = self.llm.create_completion(
-            prompt,
-            stopping_criteria=StoppingCriteriaList([self._stopper(control)]),
-            logits_processor=self._no_eos() if inp.get("ignore_eos") else None,
-            **self._sampling(inp),
-        )
+        with self._stopping(control):
+            resp = self.llm.create_completion(
+                prompt,
+                logits_processor=self._no_eos() if inp.get("ignore_eos") else None,
+                **self._sampling(inp),
+            )
         return self._finish(cast(dict[str, Any], resp), control, started)
 
     def chat(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
@@ -263,23 +272,20 @@ class LlamaCppRuntime:
 
             grammar = LlamaGrammar.from_string(inp["grammar"], verbose=False)
         started = time.perf_counter()
-        # The chat handler passes stopping criteria of its own; ours joins them.
-        self.llm.extra_stop = self._stopper(control)
         try:
-            resp = self.llm.create_chat_completion(
-                messages=inp["messages"],
-                logits_processor=self._no_eos() if inp.get("ignore_eos") else None,
-                grammar=grammar,
-                **self._sampling(inp),
-            )
+            with self._stopping(control):
+                resp = self.llm.create_chat_completion(
+                    messages=inp["messages"],
+                    logits_processor=self._no_eos() if inp.get("ignore_eos") else None,
+                    grammar=grammar,
+                    **self._sampling(inp),
+                )
         except ValueError as exc:
             if "exceed context window" in str(exc):
                 raise StepInputError(
                     f"the chat prompt does not fit model {self.name!r}: {exc}"
                 ) from exc
             raise
-        finally:
-            self.llm.extra_stop = None
         out = self._finish(cast(dict[str, Any], resp), control, started)
         out["message"] = {"role": "assistant", "content": out["text"]}
         return out

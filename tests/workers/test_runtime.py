@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -74,14 +74,19 @@ def test_timeout_stops_the_model(chat: LlamaCppRuntime) -> None:
     assert time.monotonic() - started < 5
 
 
-def test_cancel_stops_the_model(chat: LlamaCppRuntime) -> None:
+def cancelled_after(polls: int) -> Callable[[], bool]:
+    """A cancel probe that says yes once it has been asked more than ``polls`` times."""
     calls = {"n": 0}
 
     def cancelled() -> bool:
         calls["n"] += 1
-        return calls["n"] > 3
+        return calls["n"] > polls
 
-    control = RunControl(should_cancel=cancelled, poll_s=0.0)
+    return cancelled
+
+
+def test_cancel_stops_the_model(chat: LlamaCppRuntime) -> None:
+    control = RunControl(should_cancel=cancelled_after(3), poll_s=0.0)
     with pytest.raises(StepCancelled, match="stopped the model after"):
         chat.generate(params(max_tokens=7000, ignore_eos=True), control)
     assert control.tokens <= 5
@@ -94,13 +99,7 @@ def chat_params(**kw: object) -> dict[str, object]:
 
 def test_cancel_stops_a_chat(chat: LlamaCppRuntime) -> None:
     # The chat handler builds its own stopping criteria; the step's must join them.
-    calls = {"n": 0}
-
-    def cancelled() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 3
-
-    control = RunControl(should_cancel=cancelled, poll_s=0.0)
+    control = RunControl(should_cancel=cancelled_after(3), poll_s=0.0)
     with pytest.raises(StepCancelled, match="stopped the model after"):
         chat.chat(chat_params(max_tokens=7000, ignore_eos=True), control)
     assert control.tokens <= 5
