@@ -7,17 +7,20 @@ the ``steps.<id>.<field>`` paths a template uses so the validator can check them
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import ChainableUndefined, TemplateError, nodes
+from jinja2 import ChainableUndefined, Template, TemplateError, nodes
+from jinja2.environment import TemplateExpression
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # ChainableUndefined: a skipped step's output renders as "" instead of raising.
 _ENV = ImmutableSandboxedEnvironment(undefined=ChainableUndefined, autoescape=False)
 
 MAX_RENDERED_CHARS = 2_000_000
+_CACHED_CHARS = 8192  # templates up to this long stay compiled (512 of them per process)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ def _extends(longer: Reference, shorter: Reference) -> bool:
 
 def check_template(source: str) -> set[Reference]:
     """Parse a template; raise ``TemplateError`` on bad syntax; return the step paths it uses."""
+    if not has_template(source):  # plain text: nothing for Jinja to parse or check
+        return set()
     return _walk_refs(_ENV.parse(source))
 
 
@@ -78,11 +83,18 @@ def has_template(source: str) -> bool:
     return "{{" in source or "{%" in source or "{#" in source
 
 
+@functools.lru_cache(maxsize=512)
+def _compiled(source: str) -> Template:
+    """A template compiled once per process (a fan-out renders the same source many times)."""
+    return _ENV.from_string(source)
+
+
 def render(source: str, context: Mapping[str, Any]) -> str:
     """Render a template in the sandbox. Raises ``TemplateError`` on a runtime error."""
     if not has_template(source):
         return source
-    out = _ENV.from_string(source).render(**context)
+    template = _compiled(source) if len(source) <= _CACHED_CHARS else _ENV.from_string(source)
+    out = template.render(**context)
     if len(out) > MAX_RENDERED_CHARS:
         raise TemplateError(
             f"rendered text is {len(out)} characters; the limit is {MAX_RENDERED_CHARS}"
@@ -90,9 +102,14 @@ def render(source: str, context: Mapping[str, Any]) -> str:
     return out
 
 
+@functools.lru_cache(maxsize=512)
+def _expression(source: str) -> TemplateExpression:
+    return _ENV.compile_expression(source, undefined_to_none=True)
+
+
 def evaluate(condition: str, context: Mapping[str, Any]) -> bool:
     """Evaluate a condition in the sandbox; undefined values are false."""
-    value = _ENV.compile_expression(condition, undefined_to_none=True)(**context)
+    value = _expression(condition)(**context)
     return bool(value)
 
 
