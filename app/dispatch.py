@@ -1,7 +1,7 @@
 """Sending ready steps to their model's Celery queue (always after the commit).
 
 Every send also leaves a marker in the broker's Redis, ``corral:sent:<step run id>`` = the
-attempt sent, in one pipelined round trip after the publishes. The marker lives where the
+attempt sent, in the same script call that pushes the message. The marker lives where the
 message lives: beat's reconciler (:func:`reconcile`) reads the markers of steps that have
 waited unconfirmed for ``CORRAL_RECONCILE_AFTER_S``, records the confirmed sends in the
 database (and drops their markers), and sends again only the steps that have none: those
@@ -11,14 +11,16 @@ writes nothing to the database after its commit.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 import redis
 from celery import Celery
-from kombu.exceptions import BatchPublishError
-from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.commands.core import Script
 from redis.exceptions import RedisError
 from sqlalchemy import update
 from sqlmodel import select
@@ -134,52 +136,96 @@ def undispatched(older_than_s: float, limit: int = 500) -> list[Dispatch]:
 # --- sending ----------------------------------------------------------------------------
 
 
+def step_message(celery: Celery, d: Dispatch) -> bytes:
+    """The Redis list entry for ``corral.step.run(step_run_id, attempt)``.
+
+    Celery builds the protocol-2 task message (headers, properties, body); around it is
+    the envelope kombu's Redis transport pushes for a task sent to a queue through the
+    default (anonymous) exchange: JSON, the body base64-encoded. Pushing it with LPUSH is
+    what ``send_task(..., queue=...)`` ends in; tests check the two stay identical.
+    """
+    from workers.celery_app import STEP_TASK, queue_for
+
+    task_id = f"{d.step_run_id}-{d.attempt}"
+    args = [d.step_run_id, d.attempt]
+    parent = celery.current_worker_task  # a step readied by a step: Flower shows the chain
+    headers, properties, body, _ = celery.amqp.as_task_v2(
+        task_id,
+        STEP_TASK,
+        args=args,
+        countdown=d.countdown or None,
+        reply_to=celery.thread_oid,
+        root_id=(parent.request.root_id or parent.request.id) if parent else task_id,
+        parent_id=parent.request.id if parent else None,
+        ignore_result=None,
+        argsrepr=repr(args),  # what saferepr gives for a string and an int, without its cost
+        kwargsrepr="{}",
+    )
+    return json.dumps(
+        {
+            "body": base64.b64encode(json.dumps(body).encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                **properties,
+                "delivery_mode": 2,  # persistent
+                "delivery_info": {"exchange": "", "routing_key": queue_for(d.model)},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    ).encode()
+
+
+# Push each message, then leave its marker. A command that fails stops the script there:
+# every step before it is pushed and marked, it and the rest are neither (nothing is ever
+# marked sent that was not pushed; the reconciler sends the unmarked ones).
+_SEND = f"""
+for i = 1, #KEYS, 2 do
+  redis.call('LPUSH', KEYS[i], ARGV[i])
+  redis.call('SET', KEYS[i + 1], ARGV[i + 1], 'EX', {SENT_TTL_S})
+end
+return #KEYS / 2
+"""
+
+
 class CeleryDispatcher:
-    """Publishes ``corral.step.run(step_run_id, attempt)`` on ``model.<name>``."""
+    """Publishes ``corral.step.run(step_run_id, attempt)`` on ``model.<name>``.
+
+    Every message and its step's sent-marker go to the broker's Redis in one script call:
+    one round trip for a batch (a fan-out readies many steps), and a marker exists only
+    for a message that was pushed.
+    """
 
     def __init__(self, celery: Celery) -> None:
         self.celery = celery
+        self._script: Script | None = None
 
     def send(self, dispatches: Sequence[Dispatch]) -> None:
-        from workers.celery_app import STEP_TASK, queue_for
+        if not dispatches:
+            return
+        from workers.celery_app import queue_for
 
-        sent: list[Dispatch] = []
+        keys: list[str] = []
+        argv: list[bytes | str | int] = []
+        for d in dispatches:
+            keys += [queue_for(d.model), SENT_PREFIX + d.step_run_id]
+            argv += [step_message(self.celery, d), d.attempt]
         try:
-            with self.celery.producer_or_acquire() as producer:  # one connection per batch
-                # One pipelined round trip for the whole batch (a fan-out readies many).
-                with producer.batch():
-                    for d in dispatches:
-                        self.celery.send_task(
-                            STEP_TASK,
-                            args=[d.step_run_id, d.attempt],
-                            queue=queue_for(d.model),
-                            countdown=d.countdown or None,
-                            producer=producer,
-                            task_id=f"{d.step_run_id}-{d.attempt}",
-                        )
-                sent.extend(dispatches)  # flushed: every message is on the broker
-        except (KombuOperationalError, BatchPublishError, RedisError, OSError) as exc:
-            # The steps stay `queued` and unconfirmed; the reconciler sends them later.
-            # They are committed; a broker outage delays them, it does not lose them. (A
-            # batch that failed mid-flush may have delivered some: they are sent again,
-            # and the conditional claim drops the duplicates.)
-            log.warning(
-                "could not enqueue %d step(s), the reconciler will: %s",
-                len(dispatches) - len(sent),
-                exc,
-            )
-        finally:
-            if sent:
-                self._after_send(sent)
-
-    def _after_send(self, sent: list[Dispatch]) -> None:
-        try:
-            record_sent(live.get_redis(), {d.step_run_id: d.attempt for d in sent})
+            client = live.get_redis()
+            if self._script is None or self._script.registered_client is not client:
+                self._script = client.register_script(_SEND)
+            self._script(keys=keys, args=argv)
         except (RedisError, OSError) as exc:
-            # No marker: the reconciler sends these again; a duplicate delivery is dropped
-            # by the conditional claim, or runs an attempt twice and records one result.
-            log.warning("could not record %d sent step(s): %s", len(sent), exc)
-        no_pool = self._without_pool(sent)
+            # The steps stay `queued`; the reconciler sends those that have no marker.
+            # They are committed: a broker outage delays them, it does not lose them.
+            log.warning(
+                "could not enqueue %d step(s), the reconciler will: %s", len(dispatches), exc
+            )
+            return
+        no_pool = self._without_pool(dispatches)
         if no_pool:
             mark_waiting_for_pool(no_pool)
 

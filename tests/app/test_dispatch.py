@@ -3,7 +3,10 @@ reached the broker, and never confirms a send that is not the latest."""
 
 from __future__ import annotations
 
+import base64
 import json
+import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from app.dispatch import (
     reconcile,
     record_sent,
     sent_attempts,
+    step_message,
 )
 from app.embedded import EmbeddedRedis
 from app.engine import Dispatch
@@ -198,3 +202,87 @@ def test_a_broker_that_dies_between_sends_leaves_the_steps_to_the_reconciler(
             assert second in {d.step_run_id for d in resent.sent}
     finally:
         server.stop()
+
+
+def _pushed_by_send_task(celery: Any, client: redis.Redis, d: Dispatch) -> dict[str, Any]:
+    from workers.celery_app import STEP_TASK, queue_for
+
+    queue = queue_for(d.model)
+    client.delete(queue)
+    celery.send_task(
+        STEP_TASK,
+        args=[d.step_run_id, d.attempt],
+        queue=queue,
+        countdown=d.countdown or None,
+        task_id=f"{d.step_run_id}-{d.attempt}",
+    )
+    raw = client.rpop(queue)
+    assert raw is not None
+    message: dict[str, Any] = json.loads(raw)
+    return message
+
+
+def _without_tag(message: dict[str, Any]) -> dict[str, Any]:
+    """The message less its delivery tag (a fresh UUID per message, by design)."""
+    uuid.UUID(message["properties"]["delivery_tag"])
+    return {**message, "properties": {**message["properties"], "delivery_tag": "-"}}
+
+
+def test_a_step_message_is_what_celery_send_task_pushes(settings: Settings) -> None:
+    """The dispatcher writes the broker's list entry itself (one MULTI/EXEC with its marker);
+    it must stay byte-for-byte what Celery and kombu would push, so a worker of any kind
+    (and Flower) reads it as a task of theirs."""
+    from workers.celery_app import make_celery
+
+    celery = make_celery()
+    client = redis_client(settings)
+    try:
+        d = Dispatch("s-envelope", "envelope-check", 3)
+        theirs = _pushed_by_send_task(celery, client, d)
+        ours = json.loads(step_message(celery, d))
+        assert _without_tag(ours) == _without_tag(theirs)
+        body = json.loads(base64.b64decode(ours["body"]))
+        assert body[0] == ["s-envelope", 3]
+        assert ours["headers"]["id"] == "s-envelope-3"
+        assert ours["headers"]["task"] == "corral.step.run"
+    finally:
+        client.close()
+        celery.close()
+
+
+def test_a_delayed_step_message_carries_the_same_eta_as_send_task(settings: Settings) -> None:
+    from workers.celery_app import make_celery
+
+    celery = make_celery()
+    client = redis_client(settings)
+    try:
+        d = Dispatch("s-delayed", "envelope-check", 2, countdown=30.0)
+        theirs = _pushed_by_send_task(celery, client, d)
+        ours = json.loads(step_message(celery, d))
+        etas = [datetime.fromisoformat(m["headers"].pop("eta")) for m in (ours, theirs)]
+        assert abs(etas[0] - etas[1]) < timedelta(seconds=5)
+        assert etas[0] - datetime.now(etas[0].tzinfo) > timedelta(seconds=20)
+        assert _without_tag(ours) == _without_tag(theirs)
+    finally:
+        client.close()
+        celery.close()
+
+
+def test_a_message_and_its_marker_are_written_together(settings: Settings) -> None:
+    """One MULTI/EXEC: a send that fails leaves neither the message nor the marker."""
+    from workers.celery_app import make_celery
+
+    sid = one_step(settings)
+    celery = make_celery()
+    client = redis_client(settings)
+    queue = "model.nobody-serves-this"
+    try:
+        client.set(queue, "not a list")  # LPUSH fails inside the transaction
+        CeleryDispatcher(celery).send([Dispatch(sid, "nobody-serves-this", 1)])  # no raise
+        assert sent_attempts(client, [sid]) == {}
+        assert client.get(queue) == b"not a list"
+        assert step(sid).status is StepStatus.queued  # left to the reconciler
+    finally:
+        client.delete(queue, SENT_PREFIX + sid)
+        client.close()
+        celery.close()
