@@ -129,16 +129,19 @@ def create_workflow(
     api_key_id: int | None = None,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    workflow_id: str | None = None,
 ) -> WorkflowRun:
     """Write a run and its steps, commit, then enqueue the steps that are ready.
 
     The steps are settled before they are written, so each row is inserted in its first
     state (``queued`` or ``pending``): one INSERT for the run, one for its steps.
+    ``workflow_id`` chooses the run's id (a caller that waits for the end registers for
+    its notice before anything can finish); by default a new one.
     """
     spec = validated.spec
     now = utcnow()
     run: dict[str, Any] = {
-        "id": new_id(),
+        "id": workflow_id or new_id(),
         "name": spec.name,
         "status": WorkflowStatus.running,
         "spec": validated.dump(),

@@ -127,3 +127,89 @@ def test_long_poll_checks_its_arguments(platform: Platform) -> None:
     assert "wait_s" in too_long.text
     assert platform.client.get("/v1/workflows/nope", params={"wait_s": -1}).status_code == 422
     assert platform.client.get("/v1/workflows/nope", params={"wait_s": 1}).status_code == 404
+
+
+def short_step(step_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": step_id,
+        "kind": "generate",
+        "model": "tiny-chat",
+        "input": {"prompt": "Say hello", "max_tokens": 8},
+        **extra,
+    }
+
+
+def test_a_submit_with_wait_answers_with_the_final_state(platform: Platform) -> None:
+    spec = {"name": "submit-wait", "steps": [short_step("a"), short_step("b", depends_on=["a"])]}
+    resp = platform.client.post("/v1/workflows", json=spec, params={"wait_s": 25})
+    assert resp.status_code == 200, resp.text
+    run = resp.json()
+    assert run["status"] == "succeeded", run
+    assert [s["status"] for s in run["steps"]] == ["succeeded", "succeeded"]
+    assert run["steps"][1]["output"]["completion_tokens"] == 8
+    # The same state a read gives, at the URL the answer names.
+    assert resp.headers["location"] == f"/v1/workflows/{run['id']}"
+    assert platform.client.get(resp.headers["location"]).json() == run
+
+
+def test_a_submit_whose_wait_runs_out_answers_202_with_the_running_state(
+    platform: Platform,
+) -> None:
+    started = time.monotonic()
+    resp = platform.client.post(
+        "/v1/workflows",
+        json={"name": "submit-wait-timeout", "steps": [long_step("a")]},
+        params={"wait_s": 0.3},
+    )
+    elapsed = time.monotonic() - started
+    assert resp.status_code == 202, resp.text
+    run = resp.json()
+    try:
+        assert run["status"] == "running", run
+        assert run["steps"][0]["id"] == "a"
+        assert elapsed >= 0.3
+    finally:
+        platform.client.post(f"/v1/workflows/{run['id']}/cancel")
+
+
+def test_a_submit_with_wait_that_ends_at_once_answers_200(platform: Platform) -> None:
+    # Every step skipped by its condition: the workflow ends in the submit's own commit.
+    spec = {"name": "submit-wait-skip", "steps": [short_step("a", when="false")]}
+    resp = platform.client.post("/v1/workflows", json=spec, params={"wait_s": 25})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["status"] == "succeeded"
+    assert resp.json()["steps"][0]["status"] == "skipped"
+
+
+def test_a_replayed_submit_with_wait_waits_for_the_first_workflow(platform: Platform) -> None:
+    spec = {"name": "submit-wait-idem", "steps": [short_step("a")]}
+    first = platform.submit(spec, **{"Idempotency-Key": "submit-wait-idem-1"})
+    assert first.status_code == 202, first.text
+    again = platform.client.post(
+        "/v1/workflows",
+        json=spec,
+        params={"wait_s": 25},
+        headers={"Idempotency-Key": "submit-wait-idem-1"},
+    )
+    assert again.status_code == 200, again.text
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["status"] == "succeeded"
+
+
+def test_a_submit_with_wait_checks_its_arguments_and_stores_nothing(platform: Platform) -> None:
+    def count() -> int:
+        return len(platform.client.get("/v1/workflows", params={"limit": 200}).json()["items"])
+
+    before = count()
+    spec = {"name": "submit-wait-bad", "steps": [short_step("a")]}
+    too_long = platform.client.post("/v1/workflows", json=spec, params={"wait_s": 61})
+    assert too_long.status_code == 422
+    assert "wait_s" in too_long.text
+    negative = platform.client.post("/v1/workflows", json=spec, params={"wait_s": -1})
+    assert negative.status_code == 422
+    bad_model = {"name": "submit-wait-bad", "steps": [short_step("a", model="no-such-model")]}
+    unknown = platform.client.post("/v1/workflows", json=bad_model, params={"wait_s": 5})
+    assert unknown.status_code == 422
+    assert "no-such-model" in unknown.text
+    assert count() == before

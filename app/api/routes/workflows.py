@@ -28,6 +28,7 @@ from app.api.deps import (
 from app.core.config import Settings
 from app.engine import Dispatcher
 from app.errors import ConflictError, NotFoundError, SpecError
+from app.notify import FinishedListener
 from app.schemas import (
     StepPublic,
     WorkflowAccepted,
@@ -36,7 +37,7 @@ from app.schemas import (
     WorkflowSummary,
 )
 from app.spec import WorkflowSpec, validate_workflow
-from app.tables import ApiKey, WorkflowRun, WorkflowStatus
+from app.tables import ApiKey, WorkflowRun, WorkflowStatus, new_id
 from app.tokens import count_tokens
 from models.catalog import Catalog
 
@@ -75,7 +76,33 @@ def _summary(run: WorkflowRun) -> WorkflowAccepted:
     return WorkflowAccepted(id=run.id, status=run.status, url=f"/v1/workflows/{run.id}")
 
 
-@router.post("", status_code=202, response_model=WorkflowAccepted, openapi_extra=_SPEC_SCHEMA)
+_WAIT_S = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=notify.MAX_WAIT_S,
+        description="Long-poll: answer as soon as the workflow has ended, or after this many "
+        "seconds with its current state.",
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=WorkflowAccepted | WorkflowPublic,
+    openapi_extra=_SPEC_SCHEMA,
+    responses={
+        200: {
+            "model": WorkflowPublic,
+            "description": "With `wait_s`: the workflow ended within the wait; its final state.",
+        },
+        202: {
+            "description": "Accepted. Without `wait_s`: its id, status and URL. With "
+            "`wait_s`: it was still running when the wait ran out; its current state.",
+        },
+    },
+)
 async def submit_workflow(
     request: Request,
     response: Response,
@@ -83,20 +110,41 @@ async def submit_workflow(
     settings: SettingsDep,
     catalog: CatalogDep,
     dispatcher: DispatcherDep,
+    finished: FinishedDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> WorkflowAccepted:
+    wait_s: _WAIT_S = 0.0,
+) -> WorkflowAccepted | WorkflowPublic:
     """Validate a workflow spec, store it, and enqueue its ready steps.
 
     With an ``Idempotency-Key`` header, a retried submit of the same body returns the
     workflow the first one created (``Idempotent-Replayed: true``); the same key with a
     different body is a 409.
+
+    With ``wait_s``, the same request also waits for the end (as ``GET …?wait_s=`` does)
+    and answers with the workflow's state: ``200`` once it has ended, ``202`` if it is
+    still running when the wait runs out. One request instead of a submit and a read.
     """
     raw = await _read_body(request, settings.max_body_bytes)
     # Validation, the database and the broker block: off the event loop (one hop to the
     # thread pool for all of it), which keeps serving other requests meanwhile.
-    return await run_in_threadpool(
-        _submit, raw, response, key, settings, catalog, dispatcher, idempotency_key
-    )
+    if wait_s <= 0:
+        return await run_in_threadpool(
+            _submit, raw, response, key, settings, catalog, dispatcher, idempotency_key
+        )
+    deadline = time.monotonic() + wait_s
+    workflow_id = new_id()
+    # Registered for the finish notice before the steps are sent: a workflow that ends
+    # before this request's next line runs is still noticed, with no read in between.
+    async with finished.watch(workflow_id) as event:
+        accepted = await run_in_threadpool(
+            _submit, raw, response, key, settings, catalog, dispatcher, idempotency_key, workflow_id
+        )
+        if accepted.id == workflow_id and accepted.status is WorkflowStatus.running:
+            await finished.wait(event, min(deadline - time.monotonic(), notify.RECHECK_S))
+    view = await _await_end(finished, key.id, accepted.id, deadline)
+    if view.status.terminal:
+        response.status_code = 200
+    return view
 
 
 def _submit(
@@ -107,6 +155,7 @@ def _submit(
     catalog: Catalog,
     dispatcher: Dispatcher,
     idempotency_key: str | None,
+    workflow_id: str | None = None,
 ) -> WorkflowAccepted:
     request_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     if idempotency_key:
@@ -123,6 +172,7 @@ def _submit(
             api_key_id=key.id,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            workflow_id=workflow_id,
         )
     except IntegrityError:
         # A concurrent submit with the same Idempotency-Key won the race.
@@ -171,15 +221,7 @@ async def get_workflow(
     workflow_id: str,
     key: ApiKeyDep,
     finished: FinishedDep,
-    wait_s: Annotated[
-        float,
-        Query(
-            ge=0,
-            le=notify.MAX_WAIT_S,
-            description="Long-poll: answer as soon as the workflow has ended, or after "
-            "this many seconds with its current state.",
-        ),
-    ] = 0.0,
+    wait_s: _WAIT_S = 0.0,
 ) -> WorkflowPublic:
     """A workflow's status and, per step: status, attempts, output, error, timings.
 
@@ -189,11 +231,17 @@ async def get_workflow(
     """
     if wait_s <= 0:
         return await run_in_threadpool(_fresh_view, key.id, workflow_id)
+    return await _await_end(finished, key.id, workflow_id, time.monotonic() + wait_s)
+
+
+async def _await_end(
+    finished: FinishedListener, key_id: int | None, workflow_id: str, deadline: float
+) -> WorkflowPublic:
+    """The workflow's view as soon as it is no longer running, or at ``deadline``."""
     # Each read has a session of its own: no pooled connection is held while waiting.
-    deadline = time.monotonic() + wait_s
     while True:
         async with finished.watch(workflow_id) as event:
-            view = await run_in_threadpool(_fresh_view, key.id, workflow_id)
+            view = await run_in_threadpool(_fresh_view, key_id, workflow_id)
             remaining = deadline - time.monotonic()
             if view.status is not WorkflowStatus.running or remaining <= 0:
                 return view
