@@ -85,47 +85,59 @@ def step_overhead(
 ) -> dict[str, Any]:
     """One ``generate`` step through the whole path against the same call on ``llm``.
 
-    Corral: HTTP submit → commit → Redis → worker → llama.cpp → DB → long-poll read, timed
-    by the client from the submit's first byte to the final state's last byte. Direct: the
-    same ``create_completion`` on a ``Llama`` loaded in this process. Added latency is
-    Corral minus direct, per interleaved pair. For scale, the same call as one bare Celery
-    task (``send_task`` → worker → Redis result backend → ``get``) is timed alongside.
+    Corral, two ways a client can take: a submit then a long-poll read (two requests), and
+    a submit that waits (``POST …?wait_s=``, one request). Each is HTTP submit → commit →
+    Redis → worker → llama.cpp → DB → the final state over HTTP, timed by the client from
+    the submit's first byte to the final state's last byte. Direct: the same
+    ``create_completion`` on a ``Llama`` loaded in this process. Added latency is Corral
+    minus direct, per interleaved round. For scale, the same call as one bare Celery task
+    (``send_task`` → worker → Redis result backend → ``get``) is timed alongside.
     """
     key = stack.new_key("bench-step")
     spec = {"name": "bench-step", "steps": [call.step("gen", CHAT_MODEL)]}
-    corral: list[float] = []
+    paths = ("two_requests", "one_request")
+    corral: dict[str, list[float]] = {p: [] for p in paths}
+    segments: dict[str, dict[str, list[float]]] = {p: {s: [] for s in SEGMENTS} for p in paths}
     direct: list[float] = []
     bare_ms: list[float] = []
     args = [dataclasses.asdict(call)]
-    segments: dict[str, list[float]] = {s: [] for s in SEGMENTS}
     submit_ms: list[float] = []
 
     with stack.client(key) as client:
 
-        def run_corral(record: bool) -> None:
+        def run_corral(path: str, record: bool) -> None:
             wall0, t0 = time.time(), time.perf_counter()
-            wid = _submit(client, spec)
-            t1 = time.perf_counter()
-            run = wait_done(client, wid)
-            t2 = time.perf_counter()
+            if path == "one_request":
+                resp = client.post("/v1/workflows", json=spec, params={"wait_s": WAIT_S})
+                if resp.status_code != 200:
+                    raise RuntimeError(f"submit with wait: HTTP {resp.status_code} {resp.text}")
+                run = resp.json()
+                t1 = t2 = time.perf_counter()
+            else:
+                wid = _submit(client, spec)
+                t1 = time.perf_counter()
+                run = wait_done(client, wid)
+                t2 = time.perf_counter()
             step = run["steps"][0]
             if run["status"] != "succeeded":
                 raise RuntimeError(f"benchmark step did not succeed: {run}")
             if not record:
                 return
-            corral.append((t2 - t0) * 1000)
-            submit_ms.append((t1 - t0) * 1000)
+            corral[path].append((t2 - t0) * 1000)
+            if path == "two_requests":
+                submit_ms.append((t1 - t0) * 1000)
             model_ms = step["output"]["timings"]["total_ms"]
             queued, started, finished = (
                 _ts(step["queued_at"]),
                 _ts(step["started_at"]),
                 _ts(step["finished_at"]),
             )
-            segments["accept"].append((queued - wall0) * 1000)
-            segments["to_claim"].append((started - queued) * 1000)
-            segments["model"].append(model_ms)
-            segments["worker_rest"].append((finished - started) * 1000 - model_ms)
-            segments["to_client"].append((wall0 + (t2 - t0) - finished) * 1000)
+            into = segments[path]
+            into["accept"].append((queued - wall0) * 1000)
+            into["to_claim"].append((started - queued) * 1000)
+            into["model"].append(model_ms)
+            into["worker_rest"].append((finished - started) * 1000 - model_ms)
+            into["to_client"].append((wall0 + (t2 - t0) - finished) * 1000)
 
         def run_bare(record: bool) -> None:
             t0 = time.perf_counter()
@@ -149,18 +161,31 @@ def step_overhead(
 
         for i in range(warmup + n):
             record = i >= warmup
-            runs = [partial(run_corral, record), partial(run_direct, record)]
+            runs = [
+                partial(run_corral, "two_requests", record),
+                partial(run_corral, "one_request", record),
+                partial(run_direct, record),
+            ]
             if with_bare:
                 runs.append(partial(run_bare, record))
             for fn in runs[i % len(runs) :] + runs[: i % len(runs)]:  # rotate the order
                 fn()
 
-    added = [c - d for c, d in zip(corral, direct, strict=True)]
+    def added(values: list[float]) -> dict[str, Any]:
+        return summary([c - d for c, d in zip(values, direct, strict=True)])
+
+    def breakdown(path: str) -> dict[str, float]:
+        return {k: round(statistics.median(v), 3) for k, v in segments[path].items()}
+
     return {
         "n": n,
-        "corral_ms": summary(corral),
+        # Submit, then a long-poll read (GET …?wait_s=): the figure's first row.
+        "corral_ms": summary(corral["two_requests"]),
+        "added_ms": added(corral["two_requests"]),
+        # A submit that waits for the end (POST …?wait_s=): one request.
+        "one_request_ms": summary(corral["one_request"]),
+        "one_request_added_ms": added(corral["one_request"]),
         "direct_ms": summary(direct),
-        "added_ms": summary(added),
         "bare_celery_ms": summary(bare_ms),
         "bare_celery_added_ms": summary([b - d for b, d in zip(bare_ms, direct, strict=True)])
         if bare_ms
@@ -172,7 +197,8 @@ def step_overhead(
         # model = the runtime's llama.cpp call; worker_rest = the rest of the worker's
         # step until its result is written; to_client = result written → client has it
         # (commit, notify, long-poll wake-up, read, HTTP).
-        "breakdown_median_ms": {k: round(statistics.median(v), 3) for k, v in segments.items()},
+        "breakdown_median_ms": breakdown("two_requests"),
+        "one_request_breakdown_median_ms": breakdown("one_request"),
     }
 
 

@@ -36,15 +36,18 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     figures = result["figures"]
     step = figures["step_overhead"]
     assert step["n"] == 3
-    for key in ("corral_ms", "direct_ms", "added_ms", "bare_celery_ms"):
+    for key in (
+        "corral_ms",
+        "direct_ms",
+        "added_ms",
+        "one_request_ms",
+        "one_request_added_ms",
+        "bare_celery_ms",
+    ):
         assert {"median", "p95"} <= step[key].keys(), key
-    assert set(step["breakdown_median_ms"]) == {
-        "accept",
-        "to_claim",
-        "model",
-        "worker_rest",
-        "to_client",
-    }
+        assert step[key]["n"] == 3, key
+    for key in ("breakdown_median_ms", "one_request_breakdown_median_ms"):
+        assert set(step[key]) == {"accept", "to_claim", "model", "worker_rest", "to_client"}
     dispatch = figures["dispatch"]
     assert dispatch["corral_per_s"]["median"] > 0 and dispatch["bare_per_s"]["median"] > 0
     assert dispatch["ratio"] is not None
@@ -56,6 +59,7 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert figures["gpu"] == {"run": False, "reason": "no --gpu-model given"}
     assert set(result["targets_met"]) == {
         "step_added_median_ms",
+        "step_added_one_request_median_ms",
         "dispatch_ratio",
         "fan_out_ratio",
     }
