@@ -191,6 +191,17 @@ return #KEYS / 2
 """
 
 
+_scripts: dict[int, Script] = {}  # id(client): the send script registered with it
+
+
+def _send_script(client: redis.Redis) -> Script:
+    """The send script for ``client`` (its SHA is computed once; Redis caches the body)."""
+    script = _scripts.get(id(client))
+    if script is None or script.registered_client is not client:
+        script = _scripts[id(client)] = client.register_script(_SEND)
+    return script
+
+
 class CeleryDispatcher:
     """Publishes ``corral.step.run(step_run_id, attempt)`` on ``model.<name>``.
 
@@ -201,7 +212,6 @@ class CeleryDispatcher:
 
     def __init__(self, celery: Celery) -> None:
         self.celery = celery
-        self._script: Script | None = None
 
     def send(self, dispatches: Sequence[Dispatch]) -> None:
         if not dispatches:
@@ -214,10 +224,7 @@ class CeleryDispatcher:
             keys += [queue_for(d.model), SENT_PREFIX + d.step_run_id]
             argv += [step_message(self.celery, d), d.attempt]
         try:
-            client = live.get_redis()
-            if self._script is None or self._script.registered_client is not client:
-                self._script = client.register_script(_SEND)
-            self._script(keys=keys, args=argv)
+            _send_script(live.get_redis())(keys=keys, args=argv)
         except (RedisError, OSError) as exc:
             # The steps stay `queued`; the reconciler sends those that have no marker.
             # They are committed: a broker outage delays them, it does not lose them.
