@@ -64,3 +64,25 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
         "fan_out_ratio",
     }
     assert "step overhead" in done.stdout
+
+
+def test_the_wakeup_floor_runs_end_to_end() -> None:
+    """`python -m benchmarks.wakeup`: a real redis-server and a real uvicorn app, timed
+    back to back and after an idle gap."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.wakeup", "--n", "10", "--gaps", "0,1"],
+        cwd=PACKAGE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {
+        line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+        for line in done.stdout.splitlines()
+        if line.startswith("│")
+    }
+    assert set(rows) == {"redis PING", "HTTP GET (FastAPI)"}
+    for cells in rows.values():
+        assert len(cells) == 2
+        assert all(float(c) > 0 for c in cells)
