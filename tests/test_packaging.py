@@ -3,6 +3,7 @@ source checkout) can migrate a database."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -31,9 +32,19 @@ def test_the_package_list_names_every_package_in_the_tree() -> None:
 
 
 def test_an_installed_wheel_migrates_a_database(tmp_path: Path) -> None:
+    # Built from a copy of what the wheel is made of: setuptools writes build/ next to it.
+    source = tmp_path / "source"
+    for name in ("app", "workers", "models", "alembic"):
+        shutil.copytree(
+            PACKAGE_ROOT / name,
+            source / name,
+            ignore=shutil.ignore_patterns("__pycache__", "files", "*.gguf", "*.part"),
+        )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PACKAGE_ROOT / name, source / name)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), "."],
-        cwd=PACKAGE_ROOT,
+        cwd=source,
         capture_output=True,
         text=True,
         timeout=300,
