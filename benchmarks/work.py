@@ -65,11 +65,18 @@ class GenCall:
         return {"prompt": self.prompt, **self.llama_kwargs(), "ignore_eos": self.ignore_eos}
 
 
-def load_llama(path: Path, n_ctx: int, n_gpu_layers: int = 0) -> Any:
-    """A ``llama_cpp.Llama`` loaded exactly as Corral's worker loads a chat model."""
+def load_llama(path: Path, n_ctx: int, n_gpu_layers: int = 0, *, plain: bool = False) -> Any:
+    """A model loaded exactly as Corral's worker loads a chat model, in the same class.
+
+    The baselines make the same call as Corral's runtime (its ``llama_cpp.Llama`` subclass,
+    whose detokenization is incremental), so the figures measure Corral's plumbing, not that
+    difference; ``plain`` gives ``llama_cpp.Llama`` as shipped (``benchmarks.runtime_cost``).
+    """
     from llama_cpp import Llama
 
-    return Llama(
+    from workers.runtime import llama_class
+
+    return (Llama if plain else llama_class())(
         model_path=str(path),
         n_ctx=n_ctx,
         n_batch=min(512, n_ctx),

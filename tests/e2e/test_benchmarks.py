@@ -86,3 +86,23 @@ def test_the_wakeup_floor_runs_end_to_end() -> None:
     for cells in rows.values():
         assert len(cells) == 2
         assert all(float(c) > 0 for c in cells)
+
+
+def test_the_runtime_cost_comparison_runs_and_both_sides_agree() -> None:
+    """`python -m benchmarks.runtime_cost`: Corral's runtime class and llama_cpp.Llama as
+    shipped, on the generated tiny model; it exits non-zero if their texts differ."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.runtime_cost", "--tokens", "8,300", "--n", "3"],
+        cwd=PACKAGE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in done.stdout.splitlines()
+        if line.startswith("│")
+    ]
+    assert [r[0] for r in rows] == ["8", "300"]
+    assert all(r[-1] == "yes" for r in rows)

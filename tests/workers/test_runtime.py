@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,3 +149,65 @@ def test_corrupt_file_is_a_model_file_error(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(ModelFileError, match=r"llama\.cpp could not load"):
         LlamaCppRuntime(CATALOG.get("tiny-chat"), bad)
+
+
+def test_detokenize_of_a_growing_list_matches_the_whole_conversion(
+    chat: LlamaCppRuntime,
+) -> None:
+    """The runtime converts only the tokens added since its last call; every answer must
+    be what llama-cpp-python's own detokenize gives for the whole list."""
+    from llama_cpp import Llama
+
+    llm = chat.llm
+    rng = random.Random(5)
+    bos = int(llm.token_bos())
+
+    def some(n: int) -> list[int]:
+        return [rng.randrange(llm.n_vocab()) for _ in range(n)]
+
+    sequences = {
+        "any tokens": some(300),
+        "starts with BOS (the space after it drops)": [bos, *some(40)],
+        "BOS arrives on the way": [*some(20), bos, *some(20)],
+    }
+    for special in (False, True):
+        for name, sequence in sequences.items():
+            grown: list[int] = []
+            while len(grown) < len(sequence):  # grown by one to three tokens at a time
+                grown += sequence[len(grown) : len(grown) + rng.randint(1, 3)]
+                got = llm.detokenize(grown, prev_tokens=[1, 2], special=special)
+                assert got == Llama.detokenize(llm, grown, special=special), (name, len(grown))
+            # A list changed in place (not grown) is converted whole again.
+            grown[len(grown) // 2] = (grown[len(grown) // 2] + 1) % llm.n_vocab()
+            assert llm.detokenize(grown, special=special) == Llama.detokenize(
+                llm, grown, special=special
+            )
+            # And so is a shorter list, or another one.
+            assert llm.detokenize(grown[:5], special=special) == Llama.detokenize(
+                llm, grown[:5], special=special
+            )
+
+
+def test_a_long_completion_is_what_llama_cpp_python_gives(chat: LlamaCppRuntime) -> None:
+    """600 tokens with the runtime's incremental detokenization against a plain ``Llama``
+    on the same file and parameters: the same text, token for token (and a stop string
+    found in the middle of the text cuts both at the same place)."""
+    from llama_cpp import Llama
+
+    plain = Llama(model_path=chat.llm.model_path, n_ctx=2048, n_batch=512, seed=0, verbose=False)
+    try:
+        kw = {"max_tokens": 600, "temperature": 0.9, "seed": 3, "logits_processor": None}
+        ours = chat.llm.create_completion("Tell a long story", **kw)
+        theirs = plain.create_completion("Tell a long story", **kw)
+        text = theirs["choices"][0]["text"]
+        assert ours["choices"][0]["text"] == text
+        assert ours["usage"] == theirs["usage"]
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        assert stop.strip()
+        cut = [
+            llm.create_completion("Tell a long story", **kw, stop=[stop])["choices"][0]["text"]
+            for llm in (chat.llm, plain)
+        ]
+        assert cut[0] == cut[1] == text[: text.index(stop)]
+    finally:
+        plain.close()
