@@ -21,7 +21,7 @@ import httpx
 from celery import chain, chord
 
 from benchmarks import bare
-from benchmarks.stack import CHAT_MODEL, IDLE_MODEL, Stack
+from benchmarks.stack import CHAT_MODEL, Stack
 from benchmarks.stats import CpuMeter, pct, ratio, summary
 from benchmarks.work import GenCall, complete
 
@@ -411,18 +411,30 @@ def _load(
     return time.perf_counter() - t0, latencies, ok
 
 
+def _paused(stack: Stack, queue: str) -> list[str]:
+    """Stop the workers that consume ``queue`` from taking its messages (their pools stay
+    live and keep announcing themselves); the nodes paused."""
+    control = stack.bare_app.control
+    active = control.inspect(timeout=5).active_queues() or {}
+    nodes = [node for node, queues in active.items() if any(q["name"] == queue for q in queues)]
+    if not nodes:
+        raise RuntimeError(f"no worker consumes {queue}: {active}")
+    control.cancel_consumer(queue, destination=nodes, reply=True, timeout=5)
+    return nodes
+
+
 def submission(stack: Stack, n: int, concurrency: int, rounds: int) -> dict[str, Any]:
     """Accepted workflows per second at a fixed concurrency, against ``GET /healthz``.
 
-    The workflows' one step is an ``embed`` on a model no worker serves, so nothing runs
-    while the API is measured; the queue is purged afterwards. ``/healthz`` on the same
-    server, client and concurrency is the HTTP stack's own floor.
+    The workflows' one step is the same ``generate`` on the served chat model as the other
+    figures'; its pool stops consuming meanwhile (Celery's ``cancel_consumer``) while it
+    stays live, so the API takes its usual path and nothing runs while it is measured. The
+    queue is purged and consumption resumed afterwards. ``/healthz`` on the same server,
+    client and concurrency is the HTTP stack's own floor.
     """
     key = stack.new_key("bench-submit")
-    spec = {
-        "name": "bench-submit",
-        "steps": [{"id": "e", "kind": "embed", "model": IDLE_MODEL, "input": {"texts": ["hello"]}}],
-    }
+    spec = {"name": "bench-submit", "steps": [GenCall().step("gen", CHAT_MODEL)]}
+    queue = f"model.{CHAT_MODEL}"
     clients = _Clients(stack, key)
     rates: list[float] = []
     latencies: list[float] = []
@@ -447,12 +459,17 @@ def submission(stack: Stack, n: int, concurrency: int, rounds: int) -> dict[str,
         floor_rates.append(n / elapsed)
         floor_latencies.extend(lat)
 
+    paused = _paused(stack, queue)
     try:
         for i in range(rounds):
             _alternate(i, one_corral, one_floor)
+        ran = _count(clients.get(), "succeeded")
+        if ran > stack.workers:  # at most what the pool had prefetched when paused
+            raise RuntimeError(f"{ran} submitted steps ran: the pool did not pause")
     finally:
         clients.close()
-        stack.purge(f"model.{IDLE_MODEL}")
+        stack.purge(queue)
+        stack.bare_app.control.add_consumer(queue, destination=paused, reply=True, timeout=5)
     return {
         "n": n,
         "rounds": rounds,

@@ -35,7 +35,6 @@ from models.tiny import make_tiny
 REDIS_ENV = "CORRAL_BENCH_REDIS_URL"
 DATABASE_ENV = "CORRAL_BENCH_DATABASE_URL"
 CHAT_MODEL = "tiny-chat"
-IDLE_MODEL = "tiny-embed"  # no worker serves it: submissions pile up unconsumed
 GPU_MODEL = "bench-gpu"
 
 
