@@ -66,21 +66,29 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert "step overhead" in done.stdout
 
 
-def test_the_wakeup_floor_runs_end_to_end() -> None:
-    """`python -m benchmarks.wakeup`: a real redis-server and a real uvicorn app, timed
-    back to back and after an idle gap."""
+def table_rows(module: str, *args: str, timeout_s: float) -> list[list[str]]:
+    """Run ``python -m module args``; the cells of each row of the table it prints."""
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.wakeup", "--n", "10", "--gaps", "0,1"],
+        [sys.executable, "-m", module, *args],
         cwd=PACKAGE_ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = {
-        line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+    return [
+        [cell.strip() for cell in line.split("│")[1:-1]]
         for line in done.stdout.splitlines()
         if line.startswith("│")
+    ]
+
+
+def test_the_wakeup_floor_runs_end_to_end() -> None:
+    """`python -m benchmarks.wakeup`: a real redis-server and a real uvicorn app, timed
+    back to back and after an idle gap."""
+    rows = {
+        row[0]: row[1:]
+        for row in table_rows("benchmarks.wakeup", "--n", "10", "--gaps", "0,1", timeout_s=120)
     }
     assert set(rows) == {"redis PING", "HTTP GET (FastAPI)"}
     for cells in rows.values():
@@ -91,18 +99,6 @@ def test_the_wakeup_floor_runs_end_to_end() -> None:
 def test_the_runtime_cost_comparison_runs_and_both_sides_agree() -> None:
     """`python -m benchmarks.runtime_cost`: Corral's runtime class and llama_cpp.Llama as
     shipped, on the generated tiny model; it exits non-zero if their texts differ."""
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.runtime_cost", "--tokens", "8,300", "--n", "3"],
-        cwd=PACKAGE_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [
-        [cell.strip() for cell in line.split("│")[1:-1]]
-        for line in done.stdout.splitlines()
-        if line.startswith("│")
-    ]
+    rows = table_rows("benchmarks.runtime_cost", "--tokens", "8,300", "--n", "3", timeout_s=300)
     assert [r[0] for r in rows] == ["8", "300"]
     assert all(r[-1] == "yes" for r in rows)
