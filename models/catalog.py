@@ -158,27 +158,32 @@ class Catalog:
         return [entry for entry in self.entries if (models_dir / entry.file).is_file()]
 
 
-_cache: dict[Path, tuple[int, Catalog]] = {}
+_cache: dict[Path, tuple[tuple[int, int, int, int], Catalog]] = {}
 
 
 def load_catalog(path: Path = CATALOG_PATH) -> Catalog:
-    """Load and validate the catalog at ``path``, cached per path and modification time.
+    """Load and validate the catalog at ``path``, cached per path and file version.
 
-    Raises :class:`~app.errors.ConfigError` naming the file (and the entry) when the file
-    is missing, is not valid YAML, or an entry does not validate.
+    A cached catalog is reused while the file it was read from (device, inode, size and
+    modification time, through any symlink) is unchanged: one ``stat`` a call, which the
+    API pays on every submit. Raises :class:`~app.errors.ConfigError` naming the file
+    (and the entry) when the file is missing, is not valid YAML, or an entry does not
+    validate.
     """
-    path = path.expanduser().resolve()
     try:
-        mtime = path.stat().st_mtime_ns
+        st = path.expanduser().stat()
     except OSError as exc:
         raise ConfigError(
-            f"{path}: cannot read the model catalog ({exc.strerror}); check CORRAL_CATALOG_PATH"
+            f"{path.expanduser().absolute()}: cannot read the model catalog ({exc.strerror}); "
+            "check CORRAL_CATALOG_PATH"
         ) from exc
+    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     cached = _cache.get(path)
-    if cached is not None and cached[0] == mtime:
+    if cached is not None and cached[0] == version:
         return cached[1]
-    catalog = Catalog(tuple(_parse(path)), path=path)
-    _cache[path] = (mtime, catalog)
+    resolved = path.expanduser().resolve()
+    catalog = Catalog(tuple(_parse(resolved)), path=resolved)
+    _cache[path] = (version, catalog)
     return catalog
 
 

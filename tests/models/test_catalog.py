@@ -198,3 +198,20 @@ def test_catalog_keeps_order_and_is_iterable() -> None:
     assert [e.name for e in catalog] == ["c", "a", "b"]
     assert len(catalog) == 3
     assert catalog.entries == entries
+
+
+def test_cache_follows_a_symlink_that_is_repointed(tmp_path: Path) -> None:
+    # Deployments swap a catalog by repointing a symlink: the next load reads the new file.
+    first_file = write(tmp_path, ENTRY)
+    second_dir = tmp_path / "v2"
+    second_dir.mkdir()
+    second_file = write(second_dir, ENTRY.replace("small", "other"))
+    os.utime(second_file, ns=(first_file.stat().st_atime_ns, first_file.stat().st_mtime_ns))
+    link = tmp_path / "current.yaml"
+    link.symlink_to(first_file)
+    assert load_catalog(link).names() == ["small"]
+    link.unlink()
+    link.symlink_to(second_file)
+    catalog = load_catalog(link)
+    assert catalog.names() == ["other"]
+    assert catalog.path == second_file.resolve()
