@@ -227,7 +227,7 @@ class _Clients:
             client.close()
 
 
-def _corral_batch(stack: Stack, call: GenCall, n: int, concurrency: int) -> tuple[float, Cpu]:
+def corral_batch(stack: Stack, call: GenCall, n: int, concurrency: int) -> tuple[float, Cpu]:
     """Submit ``n`` one-step workflows over HTTP and wait for all; (seconds, CPU seconds)."""
     key = stack.new_key("bench-dispatch")
     spec = {"name": "bench-dispatch", "steps": [call.step("gen", CHAT_MODEL)]}
@@ -295,7 +295,7 @@ def dispatch(stack: Stack, call: GenCall, n: int, rounds: int, concurrency: int)
         into.setdefault("total", []).append(total * 1000 / n)
 
     def one_corral() -> None:
-        elapsed, cpu = _corral_batch(stack, call, n, concurrency)
+        elapsed, cpu = corral_batch(stack, call, n, concurrency)
         corral_rate.append(n / elapsed)
         record(corral_cpu, cpu)
 

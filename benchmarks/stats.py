@@ -55,8 +55,7 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def tree_cpu_s(roots: Iterable[int]) -> float | None:
-    """CPU seconds used so far by ``roots`` and every live descendant (pool processes)."""
+def _all_stats() -> dict[int, tuple[int, float]] | None:
     proc = Path("/proc")
     if not proc.is_dir():
         return None
@@ -66,6 +65,25 @@ def tree_cpu_s(roots: Iterable[int]) -> float | None:
             st = _stat(int(entry.name))
             if st is not None:
                 stats[int(entry.name)] = st
+    return stats
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds used so far by ``pid`` alone (all its threads)."""
+    st = _stat(pid)
+    return None if st is None else st[1]
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (a Celery worker's pool processes)."""
+    return sorted(p for p, (ppid, _cpu) in (_all_stats() or {}).items() if ppid == pid)
+
+
+def tree_cpu_s(roots: Iterable[int]) -> float | None:
+    """CPU seconds used so far by ``roots`` and every live descendant (pool processes)."""
+    stats = _all_stats()
+    if stats is None:
+        return None
     children: dict[int, list[int]] = {}
     for pid, (ppid, _cpu) in stats.items():
         children.setdefault(ppid, []).append(pid)
