@@ -85,6 +85,10 @@ def run_worker(
         f"n_ctx {n_ctx or entry.n_ctx}) on queue {queue_for(entry.name)}, {where}",
         flush=True,
     )
+    # The consumer's transport: kombu's Redis one, less a client object per ack.
+    from workers.broker import transport_for
+
+    celery_app.conf.broker_transport = transport_for(celery_app.conf.broker_url)
     celery_app.worker_main(
         [
             "worker",

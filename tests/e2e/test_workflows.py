@@ -309,3 +309,14 @@ def test_models_health_and_docs(platform: Platform) -> None:
     assert 'corral_workers{model="tiny-chat"} 2' in text
     assert 'corral_workflows{status="succeeded"}' in text
     assert 'corral_queue_length{model="tiny-embed"}' in text
+
+
+def test_workers_consume_through_corrals_transport(platform: Platform) -> None:
+    # `corral worker` runs kombu's Redis transport with one client per channel
+    # (workers.broker); the steps above ran through it, and its banner names it.
+    run = platform.run({"name": "transport", "steps": [gen("a", "Hello")]})
+    assert run["status"] == "succeeded", run
+    banners = [p.read_text() for p in sorted(platform.log_dir.glob("worker-*.log"))]
+    assert banners
+    for text in banners:
+        assert "transport:   workers.broker:Transport://" in text, text[-2000:]
