@@ -170,18 +170,19 @@ def load_catalog(path: Path = CATALOG_PATH) -> Catalog:
     (and the entry) when the file is missing, is not valid YAML, or an entry does not
     validate.
     """
+    given = path.expanduser()
     try:
-        st = path.expanduser().stat()
+        st = given.stat()
     except OSError as exc:
         raise ConfigError(
-            f"{path.expanduser().absolute()}: cannot read the model catalog ({exc.strerror}); "
+            f"{given.absolute()}: cannot read the model catalog ({exc.strerror}); "
             "check CORRAL_CATALOG_PATH"
         ) from exc
     version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     cached = _cache.get(path)
     if cached is not None and cached[0] == version:
         return cached[1]
-    resolved = path.expanduser().resolve()
+    resolved = given.resolve()
     catalog = Catalog(tuple(_parse(resolved)), path=resolved)
     _cache[path] = (version, catalog)
     return catalog

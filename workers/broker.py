@@ -8,8 +8,9 @@ py-spy showed as a fifth of the consumer's CPU per step on the tiny model. The c
 only a handle on the channel's connection pool, and safe to share between threads, so
 this channel keeps one per pool. Everything else is kombu's: same keys, messages, acks.
 
-Used for ``redis://`` brokers (``workers.celery_app``). ``rediss://`` keeps kombu's own
-transport (kombu turns TLS on from that scheme name), as do Sentinel and the others.
+``corral worker`` uses it for ``redis://`` brokers (``app/cli/worker.py``). ``rediss://``
+keeps kombu's own transport (kombu turns TLS on from that scheme name), as do Sentinel and
+the others.
 """
 
 from __future__ import annotations
