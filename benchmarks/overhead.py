@@ -17,10 +17,10 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-import httpx
 from celery import chain, chord
 
 from benchmarks import bare
+from benchmarks.client import BenchClient
 from benchmarks.stack import CHAT_MODEL, Stack
 from benchmarks.stats import CpuMeter, pct, ratio, summary
 from benchmarks.work import GenCall, complete
@@ -29,7 +29,7 @@ WAIT_S = 30.0  # one long-poll request's wait
 Cpu = dict[str, float | None]  # CPU seconds by process group
 
 
-def wait_done(client: httpx.Client, workflow_id: str, timeout_s: float = 300.0) -> dict[str, Any]:
+def wait_done(client: BenchClient, workflow_id: str, timeout_s: float = 300.0) -> dict[str, Any]:
     """Block (long-poll) until the workflow has ended; its final state."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -43,7 +43,7 @@ def wait_done(client: httpx.Client, workflow_id: str, timeout_s: float = 300.0) 
             raise TimeoutError(f"workflow {workflow_id} still running after {timeout_s:.0f} s")
 
 
-def _submit(client: httpx.Client, spec: dict[str, Any]) -> str:
+def _submit(client: BenchClient, spec: dict[str, Any]) -> str:
     resp = client.post("/v1/workflows", json=spec)
     if resp.status_code != 202:
         raise RuntimeError(f"submit refused: HTTP {resp.status_code} {resp.text[:500]}")
@@ -51,7 +51,7 @@ def _submit(client: httpx.Client, spec: dict[str, Any]) -> str:
     return wid
 
 
-def _count(client: httpx.Client, status: str) -> int:
+def _count(client: BenchClient, status: str) -> int:
     """How many of this key's workflows have ``status``."""
     total, cursor = 0, None
     while True:
@@ -210,12 +210,12 @@ class _Clients:
 
     def __init__(self, stack: Stack, key: str) -> None:
         self._local = threading.local()
-        self._all: list[httpx.Client] = []
+        self._all: list[BenchClient] = []
         self._lock = threading.Lock()
         self.stack, self.key = stack, key
 
-    def get(self) -> httpx.Client:
-        client: httpx.Client | None = getattr(self._local, "client", None)
+    def get(self) -> BenchClient:
+        client: BenchClient | None = getattr(self._local, "client", None)
         if client is None:
             client = self._local.client = self.stack.client(self.key)
             with self._lock:
@@ -379,7 +379,7 @@ def fan_out(stack: Stack, call: GenCall, width: int, rounds: int) -> dict[str, A
 
 
 def _load(
-    n: int, concurrency: int, request: Callable[[httpx.Client], httpx.Response], clients: _Clients
+    n: int, concurrency: int, request: Callable[[BenchClient], Any], clients: _Clients
 ) -> tuple[float, list[float], int]:
     """``n`` requests from ``concurrency`` threads; (seconds, latencies in ms, 2xx count)."""
     counter = itertools.count()

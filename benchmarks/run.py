@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
+from benchmarks.client import KINDS
 from benchmarks.report import TARGETS, markdown, render, verdicts
 
 FIGURES = ("step_overhead", "dispatch", "fan_out", "submission", "gpu")
@@ -39,6 +40,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--submit-n", type=int, help="submissions per round (500; 40)")
     p.add_argument("--submit-concurrency", type=int, default=8)
     p.add_argument("--log-level", default="INFO", help="of the Corral and bare processes")
+    p.add_argument(
+        "--http-client",
+        choices=KINDS,
+        default="stdlib",
+        help="what drives the API: http.client keep-alive (default) or httpx",
+    )
     g = p.add_argument_group("figure 5 (GPU)")
     g.add_argument("--gpu-model", type=Path, help="a real-size chat GGUF to measure on the GPU")
     g.add_argument("--gpu-device", default="0", help="GPU index ('none': the path on CPU)")
@@ -76,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = GpuModel(args.gpu_model, args.gpu_n_ctx, args.gpu_device) if args.gpu_model else None
     console.print("starting Redis, the database, corral api, corral worker, bare Celery …")
-    stack = start_stack(workers=args.workers, log_level=args.log_level, gpu=gpu)
+    stack = start_stack(
+        workers=args.workers, log_level=args.log_level, gpu=gpu, http_client=args.http_client
+    )
     figures: dict[str, Any] = {}
     try:
         settings = stack.settings
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             "call": call.as_dict(),
             "model": "tiny-chat",
             "log_level": args.log_level,
+            "http_client": args.http_client,
             "targets": TARGETS,
         }
         from app.core.config import use_settings

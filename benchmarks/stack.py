@@ -18,7 +18,6 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import yaml
@@ -29,6 +28,7 @@ from app.core.config import PACKAGE_ROOT, Settings, settings_env, use_settings
 from app.embedded import EmbeddedRedis, free_port
 from app.migrate import upgrade
 from benchmarks import bare
+from benchmarks.client import BenchClient, ClientKind, open_client
 from models.catalog import CATALOG_PATH, load_catalog
 from models.tiny import make_tiny
 
@@ -63,6 +63,7 @@ class Stack:
     backend: str
     bare_app: Celery
     gpu: GpuModel | None = None
+    http_client: ClientKind = "stdlib"  # what drives the API (benchmarks/client.py)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _exit: ExitStack = field(default_factory=ExitStack)
 
@@ -80,12 +81,10 @@ class Stack:
             _row, key = keys.create_key(session, name)
         return key
 
-    def client(self, key: str, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.api_url,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=kwargs.pop("timeout", 120.0),
-            **kwargs,
+    def client(self, key: str, timeout: float = 120.0) -> BenchClient:
+        """An HTTP client of the API as ``key``, of the kind this run uses."""
+        return open_client(
+            self.http_client, self.api_url, {"Authorization": f"Bearer {key}"}, timeout
         )
 
     def purge(self, queue: str) -> None:
@@ -154,7 +153,13 @@ def _write_catalog(path: Path, gpu: GpuModel | None) -> Path:
     return path
 
 
-def start_stack(*, workers: int = 2, log_level: str = "INFO", gpu: GpuModel | None = None) -> Stack:
+def start_stack(
+    *,
+    workers: int = 2,
+    log_level: str = "INFO",
+    gpu: GpuModel | None = None,
+    http_client: ClientKind = "stdlib",
+) -> Stack:
     """Start everything and wait until each worker pool has loaded its model."""
     exit_stack = ExitStack()
     work_dir = Path(tempfile.mkdtemp(prefix="corral-bench-"))
@@ -189,6 +194,7 @@ def start_stack(*, workers: int = 2, log_level: str = "INFO", gpu: GpuModel | No
             backend=settings.sqlalchemy_url.split(":", 1)[0].split("+", 1)[0],
             bare_app=bare.make_app(redis_url),
             gpu=gpu,
+            http_client=http_client,
             _exit=exit_stack,
         )
     except BaseException:

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.embedded import EmbeddedRedis, free_port
+from benchmarks.client import KINDS, BenchClient, ClientKind, open_client
 
 _APP = """
 from fastapi import FastAPI
@@ -52,7 +53,7 @@ def _median_us(call: Callable[[], object], n: int, gap_s: float) -> float:
     return statistics.median(times[n // 10 :])
 
 
-def _wait_http(client: httpx.Client, timeout_s: float = 30.0) -> None:
+def _wait_http(client: BenchClient, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -64,7 +65,9 @@ def _wait_http(client: httpx.Client, timeout_s: float = 30.0) -> None:
             time.sleep(0.1)
 
 
-def measure(n: int, gaps_ms: list[float]) -> dict[str, dict[float, float]]:
+def measure(
+    n: int, gaps_ms: list[float], http_client: ClientKind = "stdlib"
+) -> dict[str, dict[float, float]]:
     """Median microseconds per call, by target and idle gap."""
     out: dict[str, dict[float, float]] = {"redis PING": {}, "HTTP GET (FastAPI)": {}}
     with tempfile.TemporaryDirectory(prefix="corral-wakeup-") as tmp:
@@ -77,7 +80,7 @@ def measure(n: int, gaps_ms: list[float]) -> dict[str, dict[float, float]]:
         api = subprocess.Popen([*command, "--log-level", "warning", "--no-access-log"], cwd=app_dir)
         try:
             client = redis.Redis.from_url(server.url)
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            with open_client(http_client, f"http://127.0.0.1:{port}") as http:
                 _wait_http(http)
                 for gap in gaps_ms:
                     out["redis PING"][gap] = _median_us(client.ping, n, gap / 1000)
@@ -96,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=300, help="calls per cell (after a warm-up)")
     p.add_argument("--gaps", default="0,2,20", help="idle gaps before each call, ms")
+    p.add_argument("--http-client", choices=KINDS, default="stdlib", help="as benchmarks.run's")
     args = p.parse_args(argv)
     gaps = [float(g) for g in args.gaps.split(",")]
-    result = measure(args.n, gaps)
+    result = measure(args.n, gaps, args.http_client)
     table = Table(title=f"median µs per call after an idle gap (n={args.n})")
     table.add_column("call")
     for gap in gaps:
