@@ -27,7 +27,7 @@ from sqlmodel import Session
 from app.core.config import get_settings
 from app.errors import ServiceUnavailable
 
-_engines: dict[tuple[str, int, bool], Engine] = {}
+_engines: dict[tuple[str, int, bool, bool], Engine] = {}
 _lock = threading.Lock()
 
 
@@ -51,33 +51,63 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN")
 
 
-def make_engine(url: str, *, write: bool = False) -> Engine:
+def make_engine(url: str, *, write: bool = False, loop: bool = False) -> Engine:
     """Create an engine for ``url`` with Corral's per-dialect settings.
 
     On SQLite a ``write`` engine opens every transaction with ``BEGIN IMMEDIATE``; reads use
-    a plain ``BEGIN`` so that, in WAL mode, they never wait for a writer.
+    a plain ``BEGIN`` so that, in WAL mode, they never wait for a writer. A ``loop`` engine
+    is a read pool of its own for the API's event loop, which holds one connection at a
+    time (a read there never awaits), so it never waits for the thread pool's to return.
     """
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        pool = {"pool_size": 1, "max_overflow": 4} if loop else {}
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate if write else _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
-def get_engine(url: str | None = None, *, write: bool = False) -> Engine:
+def get_engine(url: str | None = None, *, write: bool = False, loop: bool = False) -> Engine:
     """The engine for ``url`` (default: the settings') in this process; new after a fork."""
     url = url or get_settings().sqlalchemy_url
-    write = write and url.startswith("sqlite")  # one engine serves both on PostgreSQL
-    key = (url, os.getpid(), write)
+    sqlite = url.startswith("sqlite")
+    # One engine serves reads and writes on PostgreSQL, the event loop's included.
+    write, loop = write and sqlite, loop and sqlite and not write
+    key = (url, os.getpid(), write, loop)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = make_engine(url, write=write)
+            engine = _engines[key] = make_engine(url, write=write, loop=loop)
         return engine
+
+
+def reads_in_process() -> bool:
+    """Whether a read is a call into a library in this process, not a request to a server.
+
+    True on SQLite: no network, and in WAL mode a reader never waits for a writer (it
+    reads the last commit), so a short read costs its CPU and nothing else. The API reads
+    a workflow's state on its event loop then (:func:`read_scope`): less than the two
+    thread hand-offs of the thread pool, which a step's path pays on every read.
+    """
+    return get_settings().sqlalchemy_url.startswith("sqlite")
+
+
+@contextmanager
+def read_scope() -> Iterator[Connection]:
+    """A read-only Core transaction for a read made on the API's event loop
+    (:func:`reads_in_process`), on a connection from the loop's own pool."""
+    engine = get_engine(loop=True)
+    try:
+        with engine.connect() as conn, conn.begin():
+            yield conn
+    except (OperationalError, InterfaceError) as exc:
+        raise ServiceUnavailable(f"the database is unavailable: {exc.orig}") from exc
 
 
 def dispose_engines() -> None:

@@ -203,10 +203,19 @@ def _owned(session: SessionDep, key: ApiKeyDep, workflow_id: str) -> WorkflowRun
     return run
 
 
-def _fresh_view(key_id: int | None, workflow_id: str) -> WorkflowPublic:
+async def _view(key_id: int | None, workflow_id: str) -> WorkflowPublic:
+    """A workflow's current view, read on the event loop where a read is an in-process
+    SQLite call (:func:`app.db.reads_in_process`), in the thread pool otherwise: a
+    database server's answer must never stall the loop."""
+    if db.reads_in_process():
+        return _fresh_view(key_id, workflow_id, on_loop=True)
+    return await run_in_threadpool(_fresh_view, key_id, workflow_id)
+
+
+def _fresh_view(key_id: int | None, workflow_id: str, *, on_loop: bool = False) -> WorkflowPublic:
     """A workflow and its steps as its owner sees them (Core reads: no spec, no ORM)."""
     params = {"workflow_id": workflow_id}
-    with db.connection_scope() as conn:
+    with db.read_scope() if on_loop else db.connection_scope() as conn:
         run = conn.execute(rows.VIEW_WORKFLOW, params).first()
         if run is None or run.api_key_id != key_id:
             raise NotFoundError(f"no workflow {workflow_id!r}")
@@ -230,7 +239,7 @@ async def get_workflow(
     e.g. ``GET /v1/workflows/ID?wait_s=30`` in a loop is a blocking wait.
     """
     if wait_s <= 0:
-        return await run_in_threadpool(_fresh_view, key.id, workflow_id)
+        return await _view(key.id, workflow_id)
     return await _await_end(finished, key.id, workflow_id, time.monotonic() + wait_s)
 
 
@@ -241,7 +250,7 @@ async def _await_end(
     # Each read has a session of its own: no pooled connection is held while waiting.
     while True:
         async with finished.watch(workflow_id) as event:
-            view = await run_in_threadpool(_fresh_view, key_id, workflow_id)
+            view = await _view(key_id, workflow_id)
             remaining = deadline - time.monotonic()
             if view.status is not WorkflowStatus.running or remaining <= 0:
                 return view
