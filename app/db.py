@@ -21,7 +21,7 @@ except ImportError:  # not POSIX: SQLite's own busy handler alone orders writers
     fcntl = None  # type: ignore[assignment]
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlmodel import Session
 
 from app.core.config import get_settings
@@ -29,6 +29,10 @@ from app.errors import ServiceUnavailable
 
 _engines: dict[tuple[str, int, bool, bool], Engine] = {}
 _lock = threading.Lock()
+
+# A pooled connection idle this long is pinged before it is handed out; one used more
+# recently is not (HikariCP's "alive bypass window"). See _ping_when_idle.
+PING_AFTER_IDLE_S = 1.0
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -70,7 +74,40 @@ def make_engine(url: str, *, write: bool = False, loop: bool = False) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate if write else _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    engine = create_engine(url, pool_size=5, max_overflow=10)
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection before use when it has been idle: a database server that
+    restarted meanwhile costs a reconnect, never a failed request.
+
+    SQLAlchemy's ``pool_pre_ping`` pings before every use: a round trip per transaction,
+    which a step pays four times (submit, claim, result, read). A connection checked in
+    less than :data:`PING_AFTER_IDLE_S` ago is handed out as it is. If the server went
+    away within that window, the statement fails as a disconnect: the caller sees
+    ServiceUnavailable (a 503; a step is retried), and SQLAlchemy invalidates every older
+    connection of the pool, so the next checkout reconnects.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _used(_dbapi_connection: Any, record: Any) -> None:
+        record.info["corral_used_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        used = record.info.get("corral_used_at")
+        if used is not None and time.monotonic() - used < PING_AFTER_IDLE_S:
+            return
+        dialect = engine.dialect
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as exc:
+            if dialect.is_disconnect(exc, dbapi_connection, None):
+                # The pool drops this connection and checks out a new one.
+                raise DisconnectionError(f"stale pooled connection: {exc}") from exc
+            raise
 
 
 def get_engine(url: str | None = None, *, write: bool = False, loop: bool = False) -> Engine:
@@ -139,18 +176,27 @@ def session_scope(*, write: bool = False) -> Iterator[Session]:
 
 
 @contextmanager
-def connection_scope(*, write: bool = False) -> Iterator[Connection]:
+def connection_scope(*, write: bool = False, autocommit: bool = False) -> Iterator[Connection]:
     """A Core connection in one transaction: committed at the end, rolled back on error.
 
     The engine's hot paths use it (no ORM session); the same writer gate and error
-    translation as :func:`session_scope`.
+    translation as :func:`session_scope`. ``autocommit=True`` is for a block that needs
+    no transaction around its statements (a single statement, or reads of rows that no
+    longer change): on a database server each statement is then its own transaction,
+    without the round trips of ``BEGIN`` and ``COMMIT``. SQLite keeps its transaction
+    (its ``BEGIN`` and ``COMMIT`` are calls in this process).
     """
     engine = get_engine(write=write)
     gate = _writer_gate(engine) if write else None
     with gate.hold() if gate else nullcontext():
         try:
-            with engine.begin() as conn:
-                yield conn
+            if autocommit and engine.dialect.name != "sqlite":
+                with engine.connect() as conn:
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    yield conn
+            else:
+                with engine.begin() as conn:
+                    yield conn
         except (OperationalError, InterfaceError) as exc:
             raise ServiceUnavailable(f"the database is unavailable: {exc.orig}") from exc
 

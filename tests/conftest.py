@@ -22,8 +22,10 @@ from app.migrate import upgrade
 from models.tiny import make_tiny
 from tests.utils.databases import (
     BACKENDS,
+    PrivatePostgres,
     create_pg_database,
     drop_pg_database,
+    private_postgres,
     with_database,
 )
 from tests.utils.platform import Platform, start_platform
@@ -122,3 +124,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         handle = getattr(utils, name, None)
         if handle is not None:
             handle.close()
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL server, stopped and removed afterwards."""
+    with private_postgres() as pg:
+        yield pg
