@@ -9,6 +9,7 @@ advances the workflow once.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -359,15 +360,17 @@ def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
 def _claim(step_run_id: str, attempt: int) -> StepWork | None:
     # A claim changes only its own step's row, so it is one conditional UPDATE: no workflow
     # lock. A writer that holds the lock (a cancel, a failing sibling) and overwrites the
-    # row afterwards wins, and the worker then finds its result refused.
+    # row afterwards wins, and the worker then finds its result refused. The UPDATE is the
+    # only write and what else is read no longer changes (the spec; finished steps), so on
+    # a database server it runs without a transaction around it: one round trip.
     now = utcnow()
-    with db.connection_scope(write=True) as conn:
+    with db.connection_scope(write=True, autocommit=True) as conn:
         claimed = conn.execute(rows.CLAIM, rows.claim_params(step_run_id, attempt, now)).first()
         if claimed is None:
             _log_stale(conn, step_run_id, attempt)
             return None
-        workflow_id, step_id, kind, model, queued_at, error = claimed
-        spec = _spec_of(conn, workflow_id)
+        workflow_id, step_id, kind, model, queued_at, error, spec_json = claimed
+        spec = _cached_spec(workflow_id) or _remember_spec(workflow_id, json.loads(spec_json))
         # The steps its templates may read are finished: their rows no longer change.
         ancestors = _ancestors(spec.steps, step_id)
         found = (

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Table, Text, and_, bindparam, insert, or_, select, update
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.sql import Executable
 
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
@@ -85,26 +86,33 @@ CONTEXT = select(_s.step_id, _s.status, _s.output, _s.attempts, _s.error).where(
     _s.step_id.in_(bindparam("step_ids", expanding=True)),
 )
 STALE = select(_s.status, _s.attempts).where(_s.id == bindparam("step_run_id"))
-# A status read (GET /v1/workflows/{id}): every column clients see, never the spec.
-VIEW_WORKFLOW = select(
-    _w.id, _w.name, _w.status, _w.error, _w.created_at, _w.finished_at, _w.api_key_id
-).where(_w.id == bindparam("workflow_id"))
-VIEW_STEPS = (
+# A status read (GET /v1/workflows/{id}): every column clients see, never the spec; the
+# workflow's columns on every row, one row per step. One statement: one consistent
+# snapshot (and, on a database server, one round trip) without a transaction around it.
+VIEW = (
     select(
+        _w.id,
+        _w.name,
+        _w.status,
+        _w.error,
+        _w.created_at,
+        _w.finished_at,
+        _w.api_key_id,
         _s.step_id,
         _s.kind,
         _s.model,
-        _s.status,
+        _s.status.label("step_status"),
         _s.depends_on,
         _s.attempts,
         _s.max_attempts,
         _s.output,
-        _s.error,
+        _s.error.label("step_error"),
         _s.queued_at,
         _s.started_at,
-        _s.finished_at,
+        _s.finished_at.label("step_finished_at"),
     )
-    .where(_s.workflow_id == bindparam("workflow_id"))
+    .select_from(WORKFLOW.outerjoin(STEP, _s.workflow_id == _w.id))
+    .where(_w.id == bindparam("workflow_id"))
     .order_by(_s.position)
 )
 
@@ -112,7 +120,8 @@ VIEW_STEPS = (
 
 # A delivery may claim a step that is ready for exactly this attempt, or (a redelivery after
 # a worker died mid-step: acks_late) one already running this attempt; never a step of a
-# workflow that has ended.
+# workflow that has ended. It returns the workflow's spec too, as JSON text (parsed only by
+# a process that has not seen this workflow yet): one statement for the whole claim.
 CLAIM = (
     update(STEP)
     .where(
@@ -129,7 +138,15 @@ CLAIM = (
         started_at=bindparam("now"),
         updated_at=bindparam("now"),
     )
-    .returning(_s.workflow_id, _s.step_id, _s.kind, _s.model, _s.queued_at, _s.error)
+    .returning(
+        _s.workflow_id,
+        _s.step_id,
+        _s.kind,
+        _s.model,
+        _s.queued_at,
+        _s.error,
+        select(sql_cast(_w.spec, Text)).where(_w.id == _s.workflow_id).scalar_subquery(),
+    )
 )
 
 

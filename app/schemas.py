@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import Row
 
-from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
+from app.tables import StepStatus, WorkflowRun, WorkflowStatus
 
 
 class StepPublic(BaseModel):
@@ -29,26 +29,26 @@ class StepPublic(BaseModel):
     duration_ms: float | None
 
     @classmethod
-    def of(cls, row: StepRun | Row[*tuple[Any, ...]]) -> StepPublic:
-        duration = (
-            (row.finished_at - row.started_at).total_seconds() * 1000
-            if row.finished_at and row.started_at
-            else None
-        )
+    def of(cls, row: Row[*tuple[Any, ...]]) -> StepPublic:
+        """From a row of :data:`app.rows.VIEW` (the step's columns that clash with the
+        workflow's are labelled ``step_status``, ``step_error``, ``step_finished_at``)."""
+        finished, started = row.step_finished_at, row.started_at
         return cls(
             id=row.step_id,
             kind=row.kind,
             model=row.model,
-            status=row.status,
+            status=row.step_status,
             depends_on=row.depends_on,
             attempts=row.attempts,
             max_attempts=row.max_attempts,
             output=row.output,
-            error=row.error,
+            error=row.step_error,
             queued_at=row.queued_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-            duration_ms=duration,
+            started_at=started,
+            finished_at=finished,
+            duration_ms=(finished - started).total_seconds() * 1000
+            if finished and started
+            else None,
         )
 
 

@@ -231,6 +231,30 @@ def test_templates_render_from_parent_outputs(
     assert work is not None and work.input["prompt"] == "Echo: hello!"
 
 
+def test_a_worker_that_never_saw_the_workflow_gets_its_spec_with_the_claim(
+    settings: Settings, dispatcher: RecordingDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool process meets each workflow first at a claim: the claim's one statement
+    returns the spec, which renders the step's input and settles its result."""
+    wid = create(
+        settings,
+        dispatcher,
+        [
+            gen("a", timeout_s=7.5),
+            gen("b", depends_on=["a"], input={"prompt": "Echo: {{ steps.a.output.text }}!"}),
+        ],
+    )
+    monkeypatch.setattr(engine, "_SPECS", type(engine._SPECS)())  # a fresh process's cache
+    work = engine.claim_step(dispatcher.sent[0].step_run_id, 1)
+    assert work is not None and work.step_id == "a" and work.workflow_id == wid
+    assert work.input == {"prompt": "hi", "max_tokens": 4} and work.timeout_s == 7.5
+    after = RecordingDispatcher()
+    assert engine.complete_step(work.step_run_id, 1, {"text": "hello"}, after)
+    monkeypatch.setattr(engine, "_SPECS", type(engine._SPECS)())
+    work = engine.claim_step(after.sent[0].step_run_id, 1)
+    assert work is not None and work.input["prompt"] == "Echo: hello!"
+
+
 def test_cancel(settings: Settings, dispatcher: RecordingDispatcher) -> None:
     wid = create(settings, dispatcher, [gen("a"), gen("b", depends_on=["a"])])
     d = dispatcher.sent[0]

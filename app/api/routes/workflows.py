@@ -215,13 +215,13 @@ async def _view(key_id: int | None, workflow_id: str) -> WorkflowPublic:
 def _fresh_view(key_id: int | None, workflow_id: str, *, on_loop: bool = False) -> WorkflowPublic:
     """A workflow and its steps as its owner sees them (Core reads: no spec, no ORM)."""
     params = {"workflow_id": workflow_id}
-    with db.read_scope() if on_loop else db.connection_scope() as conn:
-        run = conn.execute(rows.VIEW_WORKFLOW, params).first()
-        if run is None or run.api_key_id != key_id:
-            raise NotFoundError(f"no workflow {workflow_id!r}")
-        steps = conn.execute(rows.VIEW_STEPS, params).all()
+    with db.read_scope() if on_loop else db.connection_scope(autocommit=True) as conn:
+        found = conn.execute(rows.VIEW, params).all()  # the workflow's columns on each row
+    if not found or found[0].api_key_id != key_id:
+        raise NotFoundError(f"no workflow {workflow_id!r}")
     return WorkflowPublic(
-        **WorkflowSummary.of(run).model_dump(), steps=[StepPublic.of(s) for s in steps]
+        **WorkflowSummary.of(found[0]).model_dump(),
+        steps=[StepPublic.of(r) for r in found if r.step_id is not None],
     )
 
 
