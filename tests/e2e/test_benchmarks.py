@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.core.config import PACKAGE_ROOT
+from tests.utils.databases import PG_URL, create_pg_database, drop_pg_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -102,3 +103,24 @@ def test_the_runtime_cost_comparison_runs_and_both_sides_agree() -> None:
     rows = table_rows("benchmarks.runtime_cost", "--tokens", "8,300", "--n", "3", timeout_s=300)
     assert [r[0] for r in rows] == ["8", "300"]
     assert all(r[-1] == "yes" for r in rows)
+
+
+def test_the_engine_cost_runs_on_each_database() -> None:
+    """`python -m benchmarks.engine_cost`: the four calls of a one-step workflow on SQLite,
+    and on a fresh PostgreSQL database when the tests have a server."""
+    args = ["--n", "5"]
+    pg_url = create_pg_database() if PG_URL else None
+    if pg_url:
+        args += ["--database", pg_url]
+    try:
+        rows = table_rows("benchmarks.engine_cost", *args, timeout_s=240)
+    finally:
+        if pg_url:
+            drop_pg_database(pg_url)
+    databases = ["sqlite", *(["postgresql"] if pg_url else [])]
+    assert [(r[0], r[1]) for r in rows] == [
+        (d, c) for d in databases for c in ("submit", "claim", "result", "read")
+    ]
+    for row in rows:
+        assert float(row[2].removesuffix(" ms")) > 0 and float(row[3].removesuffix(" ms")) > 0
+        assert float(row[4]) >= 1  # every call makes at least one statement

@@ -1,0 +1,219 @@
+"""What the workflow engine's database work costs per call, in process, per database.
+
+A one-step workflow makes four calls on the database: the API's submit (create), the
+worker's claim, its result, and the client's status read. This runs those calls for N
+one-step workflows in this process (no HTTP, no broker: the dispatcher records its sends)
+and prints, per call, the median wall time, the mean CPU time, and how many statements and
+transactions it made; on a database server each statement, ``BEGIN`` and ``COMMIT`` is a
+round trip::
+
+    python -m benchmarks.engine_cost [--n 300] [--database postgresql://…]
+
+SQLite (a file in a temporary directory) always; a server database too with
+``--database`` or ``CORRAL_BENCH_DATABASE_URL`` (it is migrated and written to). The
+result's finish notice goes to an embedded redis-server (or ``CORRAL_BENCH_REDIS_URL``).
+Every claim runs as in a worker that has not seen the workflow yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import event
+
+from app import db, engine
+from app.api.routes.workflows import _fresh_view
+from app.core.config import Settings, use_settings
+from app.embedded import EmbeddedRedis
+from app.engine import Dispatch
+from app.migrate import upgrade
+from app.spec import validate_workflow
+from benchmarks.stack import DATABASE_ENV, REDIS_ENV
+from models.catalog import load_catalog
+from models.tiny import make_tiny
+
+CALLS = ("submit", "claim", "result", "read")
+SPEC = {
+    "name": "engine-cost",
+    "steps": [
+        {
+            "id": "gen",
+            "kind": "generate",
+            "model": "tiny-chat",
+            "input": {"prompt": "Hello there", "max_tokens": 16},
+        }
+    ],
+}
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.sent: list[Dispatch] = []
+
+    def send(self, dispatches: Sequence[Dispatch]) -> None:
+        self.sent.extend(dispatches)
+
+
+class _Counts:
+    """Statements and transactions seen on every engine of this process."""
+
+    def __init__(self) -> None:
+        self.statements = 0
+        self.transactions = 0
+
+    def statement(self, *_args: Any) -> None:
+        self.statements += 1
+
+    def transaction(self, *_args: Any) -> None:
+        self.transactions += 1
+
+
+@contextmanager
+def _counting(counts: _Counts) -> Iterator[None]:
+    from sqlalchemy.engine import Engine
+
+    event.listen(Engine, "before_cursor_execute", counts.statement)
+    event.listen(Engine, "commit", counts.transaction)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "before_cursor_execute", counts.statement)
+        event.remove(Engine, "commit", counts.transaction)
+
+
+class _OneWorkflow:
+    """The four calls of one one-step workflow, in order."""
+
+    def __init__(self, validated: Any) -> None:
+        self.validated = validated
+        self.run_id = ""
+        self.step: Dispatch | None = None
+
+    def submit(self) -> None:
+        sent = _Recorder()
+        self.run_id = engine.create_workflow(self.validated, sent).id
+        self.step = sent.sent[0]
+
+    def claim(self) -> None:
+        assert self.step is not None
+        engine._SPECS.clear()  # a pool process meets each workflow at its claim
+        if engine.claim_step(self.step.step_run_id, self.step.attempt) is None:
+            raise RuntimeError("the claim was refused")
+
+    def result(self) -> None:
+        assert self.step is not None
+        done = engine.complete_step(
+            self.step.step_run_id, self.step.attempt, {"text": "ok"}, _Recorder()
+        )
+        if not done:
+            raise RuntimeError("the result was refused")
+
+    def read(self) -> None:
+        if _fresh_view(None, self.run_id).status.value != "succeeded":
+            raise RuntimeError("the workflow did not succeed")
+
+
+def _cpu_ms() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (usage.ru_utime + usage.ru_stime) * 1000
+
+
+def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str, float]]:
+    """Per call: median wall ms, mean CPU ms, statements and transactions per call."""
+    wall: dict[str, list[float]] = {c: [] for c in CALLS}
+    cpu = dict.fromkeys(CALLS, 0.0)
+    statements = dict.fromkeys(CALLS, 0)
+    transactions = dict.fromkeys(CALLS, 0)
+    counts = _Counts()
+    with use_settings(settings), _counting(counts):
+        upgrade(settings.sqlalchemy_url)
+        catalog = load_catalog(settings.catalog_path)
+        for i in range(warmup + n):
+            one = _OneWorkflow(validate_workflow(SPEC, catalog, settings))
+            calls: dict[str, Callable[[], Any]] = {
+                "submit": one.submit,
+                "claim": one.claim,
+                "result": one.result,
+                "read": one.read,
+            }
+            for name, call in calls.items():
+                s0, t0 = (counts.statements, counts.transactions), time.perf_counter()
+                c0 = _cpu_ms()
+                call()
+                c1, t1 = _cpu_ms(), time.perf_counter()
+                if i >= warmup:
+                    wall[name].append((t1 - t0) * 1000)
+                    cpu[name] += (c1 - c0) / n
+                    statements[name] += counts.statements - s0[0]
+                    transactions[name] += counts.transactions - s0[1]
+    db.dispose_engines()
+    return {
+        c: {
+            "wall_ms": round(statistics.median(wall[c]), 3),
+            "cpu_ms": round(cpu[c], 3),
+            "statements": statements[c] / n,
+            "transactions": transactions[c] / n,
+        }
+        for c in CALLS
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=300, help="one-step workflows per database")
+    p.add_argument("--database", default=os.environ.get(DATABASE_ENV), help="a server database")
+    args = p.parse_args(argv)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="corral-engine-cost-") as tmp:
+        work = Path(tmp)
+        make_tiny(work / "models")
+        redis_url = os.environ.get(REDIS_ENV)
+        server = None
+        if not redis_url:
+            server = EmbeddedRedis(work / "redis", persist=False).start()
+            redis_url = server.url
+        try:
+            urls = {"sqlite": f"sqlite:///{work / 'corral.db'}"}
+            if args.database:
+                urls[args.database.split(":", 1)[0]] = args.database
+            for name, url in urls.items():
+                settings = Settings(
+                    database_url=url,
+                    redis_url=redis_url,
+                    models_dir=work / "models",
+                    data_dir=work / "data",
+                )
+                results[name] = measure(settings, args.n)
+        finally:
+            if server is not None:
+                server.stop()
+    table = Table(title=f"the engine's database work per call, {args.n} one-step workflows")
+    for col in ("database", "call", "wall (median)", "CPU (mean)", "statements", "transactions"):
+        table.add_column(col)
+    for name, by_call in results.items():
+        for call, r in by_call.items():
+            table.add_row(
+                name,
+                call,
+                f"{r['wall_ms']:.3f} ms",
+                f"{r['cpu_ms']:.3f} ms",
+                f"{r['statements']:g}",
+                f"{r['transactions']:g}",
+            )
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
