@@ -17,7 +17,9 @@ from benchmarks.client import Client, HTTPError, open_client
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive unless a response says otherwise
-    connections: ClassVar[set[int]] = set()  # ids of the sockets that carried requests
+    # The client ends (host, port) of the connections that carried requests: a new
+    # connection has a new port (a socket object's id may be reused once it is closed).
+    connections: ClassVar[set[tuple[str, int]]] = set()
     closes_after: int | None = None  # answer "Connection: close" to this request number
     served = 0
 
@@ -34,7 +36,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _record(self) -> bool:
         cls = type(self)
-        cls.connections.add(id(self.connection))
+        cls.connections.add(self.client_address)
         cls.served += 1
         return cls.closes_after is not None and cls.served == cls.closes_after
 
