@@ -46,6 +46,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default="stdlib",
         help="what drives the API: http.client keep-alive (default) or httpx",
     )
+    p.add_argument("--api-workers", type=int, default=1, help="`corral api --workers`")
     g = p.add_argument_group("figure 5 (GPU)")
     g.add_argument("--gpu-model", type=Path, help="a real-size chat GGUF to measure on the GPU")
     g.add_argument("--gpu-device", default="0", help="GPU index ('none': the path on CPU)")
@@ -84,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     gpu = GpuModel(args.gpu_model, args.gpu_n_ctx, args.gpu_device) if args.gpu_model else None
     console.print("starting Redis, the database, corral api, corral worker, bare Celery …")
     stack = start_stack(
-        workers=args.workers, log_level=args.log_level, gpu=gpu, http_client=args.http_client
+        workers=args.workers,
+        log_level=args.log_level,
+        gpu=gpu,
+        http_client=args.http_client,
+        api_workers=args.api_workers,
     )
     figures: dict[str, Any] = {}
     try:
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": "tiny-chat",
             "log_level": args.log_level,
             "http_client": args.http_client,
+            "api_workers": args.api_workers,
             "targets": TARGETS,
         }
         from app.core.config import use_settings

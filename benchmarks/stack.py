@@ -64,6 +64,7 @@ class Stack:
     bare_app: Celery
     gpu: GpuModel | None = None
     http_client: ClientKind = "stdlib"  # what drives the API (benchmarks/client.py)
+    api_workers: int = 1  # `corral api --workers`
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _exit: ExitStack = field(default_factory=ExitStack)
 
@@ -159,6 +160,7 @@ def start_stack(
     log_level: str = "INFO",
     gpu: GpuModel | None = None,
     http_client: ClientKind = "stdlib",
+    api_workers: int = 1,
 ) -> Stack:
     """Start everything and wait until each worker pool has loaded its model."""
     exit_stack = ExitStack()
@@ -195,6 +197,7 @@ def start_stack(
             bare_app=bare.make_app(redis_url),
             gpu=gpu,
             http_client=http_client,
+            api_workers=api_workers,
             _exit=exit_stack,
         )
     except BaseException:
@@ -215,7 +218,8 @@ def _start_processes(stack: Stack, log_level: str) -> None:
     port = free_port()
     stack.api_url = f"http://127.0.0.1:{port}"
     log_dir = stack.log_dir
-    stack.procs["api"] = _spawn(["api", "--port", str(port)], env, log_dir / "api.log")
+    api = ["api", "--port", str(port), "--workers", str(stack.api_workers)]
+    stack.procs["api"] = _spawn(api, env, log_dir / "api.log")
     stack.procs["worker"] = _spawn(
         ["worker", "--model", CHAT_MODEL, "--gpu", "none", "--concurrency", str(stack.workers)],
         env,

@@ -62,8 +62,12 @@ def up(
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="API processes on the port [CORRAL_API_WORKERS: 1]."),
+    ] = None,
 ) -> None:
-    """Run the HTTP API (uvicorn)."""
+    """Run the HTTP API (uvicorn); with --workers N, N processes share the port."""
     import uvicorn
 
     from app.api.main import create_app
@@ -73,12 +77,18 @@ def api(
         settings.broker_url  # noqa: B018  (fail early with what to do)
     except CorralError as exc:
         raise _fail(str(exc)) from exc
-    uvicorn.run(
-        create_app(),
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        log_level=settings.log_level.lower(),
-    )
+    processes = workers or settings.api_workers
+    common: dict[str, Any] = {
+        "host": host or settings.api_host,
+        "port": port or settings.api_port,
+        "log_level": settings.log_level.lower(),
+    }
+    if processes == 1:
+        uvicorn.run(create_app(), **common)
+        return
+    # Each process builds its own app (its own connections, caches and finish listener);
+    # they share nothing but the database and Redis, which hold all state.
+    uvicorn.run("app.api.main:create_app", factory=True, workers=processes, **common)
 
 
 @app.command()

@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     # API.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
+    api_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="API processes serving the port (uvicorn workers); one process is bound "
+        "by the GIL to about one core",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Limits on what a client may submit.
