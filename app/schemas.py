@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel
 from sqlalchemy import Row
@@ -63,7 +63,8 @@ class WorkflowSummary(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, row: WorkflowRun | Row[*tuple[Any, ...]]) -> WorkflowSummary:
+    def of(cls, row: WorkflowRun | Row[*tuple[Any, ...]], **extra: Any) -> Self:
+        """From a workflow row; ``extra`` fills a subclass's fields (a view's steps)."""
         return cls(
             id=row.id,
             name=row.name,
@@ -71,6 +72,7 @@ class WorkflowSummary(BaseModel):
             error=row.error,
             created_at=row.created_at,
             finished_at=row.finished_at,
+            **extra,
         )
 
 

@@ -219,9 +219,8 @@ def _fresh_view(key_id: int | None, workflow_id: str, *, on_loop: bool = False) 
         found = conn.execute(rows.VIEW, params).all()  # the workflow's columns on each row
     if not found or found[0].api_key_id != key_id:
         raise NotFoundError(f"no workflow {workflow_id!r}")
-    return WorkflowPublic(
-        **WorkflowSummary.of(found[0]).model_dump(),
-        steps=[StepPublic.of(r) for r in found if r.step_id is not None],
+    return WorkflowPublic.of(
+        found[0], steps=[StepPublic.of(r) for r in found if r.step_id is not None]
     )
 
 
