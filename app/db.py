@@ -9,6 +9,7 @@ of one workflow with ``SELECT ... FOR UPDATE`` on the workflow row in PostgreSQL
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ except ImportError:  # not POSIX: SQLite's own busy handler alone orders writers
     fcntl = None  # type: ignore[assignment]
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlmodel import Session
 
 from app.core.config import get_settings
@@ -46,13 +47,25 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _sqlite_begin_immediate(conn: Any) -> None:
+def _sqlite_begin_immediate(conn: Connection) -> None:
     # Take the write lock at the start, so a read-then-write never sees a stale snapshot.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    _sqlite_execute(conn, "BEGIN IMMEDIATE")
 
 
-def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN")
+def _sqlite_begin(conn: Connection) -> None:
+    _sqlite_execute(conn, "BEGIN")
+
+
+def _sqlite_execute(conn: Connection, statement: str) -> None:
+    """Run ``statement`` on the driver's connection, errors raised as SQLAlchemy's.
+
+    Every transaction starts here: straight on sqlite3, not through ``exec_driver_sql``
+    (a statement's whole execution context, a quarter of an empty transaction's cost).
+    """
+    try:
+        conn.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
 
 def make_engine(url: str, *, write: bool = False, loop: bool = False) -> Engine:

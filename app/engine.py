@@ -123,6 +123,16 @@ def _locked(
         notify.publish_finished(tx.workflow.id)  # wakes long-polling readers (after the commit)
 
 
+@dataclass(frozen=True, slots=True)
+class Created:
+    """A workflow just written: its id and its first status (``running``, or already
+    ended when every step was skipped at once). Not the ORM row: building a ``WorkflowRun``
+    costs about 50 µs, a tenth of the engine's whole submit on SQLite."""
+
+    id: str
+    status: WorkflowStatus
+
+
 def create_workflow(
     validated: ValidatedWorkflow,
     dispatcher: Dispatcher,
@@ -131,7 +141,7 @@ def create_workflow(
     idempotency_key: str | None = None,
     request_hash: str | None = None,
     workflow_id: str | None = None,
-) -> WorkflowRun:
+) -> Created:
     """Write a run and its steps, commit, then enqueue the steps that are ready.
 
     The steps are settled before they are written, so each row is inserted in its first
@@ -192,7 +202,7 @@ def create_workflow(
         dispatcher.send(tx.dispatches)
     if tx.workflow.status.terminal:  # every step skipped at once
         notify.publish_finished(run["id"])
-    return WorkflowRun(**run)
+    return Created(run["id"], run["status"])
 
 
 def find_idempotent(session: Session, api_key_id: int | None, key: str) -> WorkflowRun | None:

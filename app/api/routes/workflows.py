@@ -19,14 +19,12 @@ from sqlmodel import select
 from app import db, engine, live, notify, rows
 from app.api.deps import (
     ApiKeyDep,
-    CatalogDep,
-    DispatcherDep,
     FinishedDep,
     SessionDep,
     SettingsDep,
+    Submission,
+    SubmissionDep,
 )
-from app.core.config import Settings
-from app.engine import Dispatcher
 from app.errors import ConflictError, NotFoundError, SpecError
 from app.notify import FinishedListener
 from app.schemas import (
@@ -39,7 +37,6 @@ from app.schemas import (
 from app.spec import WorkflowSpec, validate_workflow
 from app.tables import ApiKey, WorkflowRun, WorkflowStatus, new_id
 from app.tokens import count_tokens
-from models.catalog import Catalog
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
@@ -72,7 +69,7 @@ async def _read_body(request: Request, limit: int) -> Any:
         raise SpecError.single(("body",), f"body is not valid JSON: {exc}", "json_invalid") from exc
 
 
-def _summary(run: WorkflowRun) -> WorkflowAccepted:
+def _summary(run: WorkflowRun | engine.Created) -> WorkflowAccepted:
     return WorkflowAccepted(id=run.id, status=run.status, url=f"/v1/workflows/{run.id}")
 
 
@@ -107,10 +104,7 @@ async def submit_workflow(
     request: Request,
     response: Response,
     key: ApiKeyDep,
-    settings: SettingsDep,
-    catalog: CatalogDep,
-    dispatcher: DispatcherDep,
-    finished: FinishedDep,
+    platform: SubmissionDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     wait_s: _WAIT_S = 0.0,
 ) -> WorkflowAccepted | WorkflowPublic:
@@ -124,20 +118,19 @@ async def submit_workflow(
     and answers with the workflow's state: ``200`` once it has ended, ``202`` if it is
     still running when the wait runs out. One request instead of a submit and a read.
     """
-    raw = await _read_body(request, settings.max_body_bytes)
+    raw = await _read_body(request, platform.settings.max_body_bytes)
     # Validation, the database and the broker block: off the event loop (one hop to the
     # thread pool for all of it), which keeps serving other requests meanwhile.
     if wait_s <= 0:
-        return await run_in_threadpool(
-            _submit, raw, response, key, settings, catalog, dispatcher, idempotency_key
-        )
+        return await run_in_threadpool(_submit, raw, response, key, platform, idempotency_key)
     deadline = time.monotonic() + wait_s
     workflow_id = new_id()
     # Registered for the finish notice before the steps are sent: a workflow that ends
     # before this request's next line runs is still noticed, with no read in between.
+    finished = platform.finished
     async with finished.watch(workflow_id) as event:
         accepted = await run_in_threadpool(
-            _submit, raw, response, key, settings, catalog, dispatcher, idempotency_key, workflow_id
+            _submit, raw, response, key, platform, idempotency_key, workflow_id
         )
         if accepted.id == workflow_id and accepted.status is WorkflowStatus.running:
             await finished.wait(event, min(deadline - time.monotonic(), notify.RECHECK_S))
@@ -151,24 +144,23 @@ def _submit(
     raw: Any,
     response: Response,
     key: ApiKey,
-    settings: Settings,
-    catalog: Catalog,
-    dispatcher: Dispatcher,
+    platform: Submission,
     idempotency_key: str | None,
     workflow_id: str | None = None,
 ) -> WorkflowAccepted:
-    request_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
-    if idempotency_key:
+    request_hash = None
+    if idempotency_key:  # what a replay of the key is compared with
+        request_hash = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
         with db.session_scope() as session:
             earlier = engine.find_idempotent(session, key.id, idempotency_key)
         if earlier is not None:
             return _replay(earlier, request_hash, response)
     contexts = live.pool_contexts(max_age_s=1.0)
-    validated = validate_workflow(raw, catalog, settings, count_tokens, contexts)
+    validated = validate_workflow(raw, platform.catalog, platform.settings, count_tokens, contexts)
     try:
         run = engine.create_workflow(
             validated,
-            dispatcher,
+            platform.dispatcher,
             api_key_id=key.id,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
@@ -176,8 +168,10 @@ def _submit(
         )
     except IntegrityError:
         # A concurrent submit with the same Idempotency-Key won the race.
+        if not idempotency_key or request_hash is None:
+            raise
         with db.session_scope() as session:
-            earlier = engine.find_idempotent(session, key.id, idempotency_key or "")
+            earlier = engine.find_idempotent(session, key.id, idempotency_key)
         if earlier is None:
             raise
         return _replay(earlier, request_hash, response)
