@@ -66,7 +66,12 @@ class _Recorder:
 
 
 class _Counts:
-    """Statements and transactions seen on every engine of this process."""
+    """Statements and transactions seen on every engine of this process.
+
+    SQLite's ``BEGIN`` is counted as a statement: Corral's begin hook runs it on the
+    driver's connection, where no cursor event sees it (on PostgreSQL, psycopg sends its
+    own ``BEGIN`` before a transaction's first statement, not counted either way).
+    """
 
     def __init__(self) -> None:
         self.statements = 0
@@ -78,6 +83,10 @@ class _Counts:
     def transaction(self, *_args: Any) -> None:
         self.transactions += 1
 
+    def begin(self, conn: Any) -> None:
+        if conn.dialect.name == "sqlite":
+            self.statements += 1
+
 
 @contextmanager
 def _counting(counts: _Counts) -> Iterator[None]:
@@ -85,11 +94,13 @@ def _counting(counts: _Counts) -> Iterator[None]:
 
     event.listen(Engine, "before_cursor_execute", counts.statement)
     event.listen(Engine, "commit", counts.transaction)
+    event.listen(Engine, "begin", counts.begin)
     try:
         yield
     finally:
         event.remove(Engine, "before_cursor_execute", counts.statement)
         event.remove(Engine, "commit", counts.transaction)
+        event.remove(Engine, "begin", counts.begin)
 
 
 class _OneWorkflow:
