@@ -127,7 +127,9 @@ CLAIM = (
     .where(
         _s.id == bindparam("step_run_id"),
         or_(
-            and_(_s.status.in_(SENDABLE), _s.attempts == bindparam("previous")),
+            # Not ``in_(SENDABLE)``: an IN list is re-rendered into the SQL at every
+            # execution (SQLAlchemy's "post-compile" step); these are plain binds.
+            and_(or_(*(_s.status == s for s in SENDABLE)), _s.attempts == bindparam("previous")),
             and_(_s.status == StepStatus.running, _s.attempts == bindparam("attempt")),
         ),
         select(_w.id).where(_w.id == _s.workflow_id, _w.status == WorkflowStatus.running).exists(),
