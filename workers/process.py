@@ -15,10 +15,11 @@ import threading
 import time
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from app import db, live
 from app.core.config import get_settings
+from app.core.process import freeze_startup_objects
 from app.errors import ModelFileError
 from models.catalog import load_catalog
 from workers.runtime import LlamaCppRuntime, ModelRuntime, Placement
@@ -114,6 +115,12 @@ def set_busy(busy: bool) -> None:
         _State.info["steps_done"] = int(_State.info.get("steps_done", 0)) + 1
 
 
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _on_worker_init(**_: Any) -> None:
+    # Celery's parent, before it forks the pool: the children inherit the frozen objects.
+    freeze_startup_objects()
+
+
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _on_process_init(**_: Any) -> None:
     name = worker_model()
@@ -146,6 +153,8 @@ def _on_process_init(**_: Any) -> None:
         else "",
         "reservations": json.loads(os.environ.get("CORRAL_RESERVATIONS", "[]")),
         "steps_done": 0,
+        # What the loading made is frozen too; full collections walk only what comes later.
+        "gc_frozen": freeze_startup_objects(),
     }
     # Announced before this process takes its first step: a submit that follows a step's
     # result sees the pool (and the context it serves), never a gap before the first beat.

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from app.api import errors
 from app.api.routes import conversations, gpus, health, memory, metrics, models, workflows
+from app.core.process import freeze_startup_objects
 from app.dispatch import CeleryDispatcher
 from app.engine import Dispatcher
 from app.notify import FinishedListener
@@ -16,6 +17,7 @@ from app.notify import FinishedListener
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    freeze_startup_objects()  # full collections then skip everything start-up made
     yield
     await app.state.finished.close()
 

@@ -124,3 +124,17 @@ def test_the_engine_cost_runs_on_each_database() -> None:
     for row in rows:
         assert float(row[2].removesuffix(" ms")) > 0 and float(row[3].removesuffix(" ms")) > 0
         assert float(row[4]) >= 1  # every call makes at least one statement
+
+
+def test_the_api_cost_runs_with_and_without_the_start_up_freeze() -> None:
+    """`python -m benchmarks.api_cost`: real submits through the ASGI app, with the
+    start-up objects frozen (as `corral api` runs) and not."""
+    rows = {
+        row[0]: row[1:] for row in table_rows("benchmarks.api_cost", "--n", "20", timeout_s=240)
+    }
+    assert set(rows) >= {"objects the GC walks", "one forced full GC", "submit median"}
+    frozen, thawed = (int(x) for x in rows["objects the GC walks"])
+    assert frozen < 1000 < thawed  # the start-up objects are out of the collector's walk
+    frozen_ms, thawed_ms = (float(x.removesuffix(" ms")) for x in rows["one forced full GC"])
+    assert frozen_ms < thawed_ms
+    assert all(float(x.removesuffix(" ms")) > 0 for x in rows["submit median"])

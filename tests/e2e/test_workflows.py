@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app import live
 from tests.utils.platform import Platform
 
 pytestmark = pytest.mark.e2e
@@ -320,3 +321,18 @@ def test_workers_consume_through_corrals_transport(platform: Platform) -> None:
     assert banners
     for text in banners:
         assert "transport:   workers.broker:Transport://" in text, text[-2000:]
+
+
+def test_long_running_processes_freeze_their_start_up_objects(platform: Platform) -> None:
+    """The API and every model pool process move what start-up made out of the garbage
+    collector's way (a full collection otherwise walks it all: over 100 ms of a stalled
+    event loop here); the API's collector shows in /metrics, each pool's in its heartbeat."""
+    with httpx.Client(base_url=platform.url) as anon:
+        text = anon.get("/metrics").text
+    frozen = [line for line in text.splitlines() if line.startswith("corral_gc_frozen_objects ")]
+    assert len(frozen) == 1 and int(frozen[0].split()[1]) > 10_000, frozen
+    assert 'python_gc_collections_total{generation="2"}' in text
+    pools = [w for w in live.live_workers() if w.get("model") == "tiny-chat"]
+    assert len(pools) == 2
+    for pool in pools:
+        assert pool["gc_frozen"] > 10_000, pool  # the loaded model's objects included

@@ -1,5 +1,6 @@
 """Prometheus metrics (text exposition format), no API key: workflow and step counts by
-status, queue lengths per model queue, live workers per model."""
+status, queue lengths per model queue, live workers per model, and this API process's
+garbage collector."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlmodel import select
 
 from app import live
 from app.api.deps import CatalogDep, SessionDep
+from app.core.process import gc_metrics
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 router = APIRouter(tags=["health"])
@@ -48,4 +50,5 @@ def metrics(session: SessionDep, catalog: CatalogDep) -> str:
     ]
     for entry in catalog.entries:
         lines.append(f'corral_workers{{model="{entry.name}"}} {workers.get(entry.name, 0)}')
+    lines += gc_metrics()
     return "\n".join(lines) + "\n"
