@@ -1,12 +1,16 @@
-"""The worker's broker transport: kombu's Redis one with a client object per channel.
+"""The worker's broker transport: kombu's Redis one with a client object per channel and
+its unacked records written by script calls.
 
 Against a real Redis: messages consumed with late acks are recorded as unacked and removed
-on ack exactly as kombu does it, a rejected message is handed back and delivered again, and
+on ack exactly as kombu does it (the same record, which kombu's own restore hands back
+after the visibility timeout), a rejected message is handed back and delivered again, and
 a run builds one ``redis.Redis`` where kombu's own transport builds one per operation.
 """
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -111,3 +115,31 @@ def test_only_plain_redis_urls_get_it() -> None:
     assert transport_for("rediss://h:6380/0") is None
     assert transport_for("sentinel://h:26379") is None
     assert transport_for("amqp://guest@localhost//") is None
+
+
+def test_unacked_records_are_kombus_own_and_come_back_after_the_visibility_timeout(
+    broker_url: str,
+) -> None:
+    """A worker that dies without acking leaves the record this QoS wrote (by one script
+    call, not kombu's pipeline); kombu's own restore puts the message back on its queue."""
+    name = f"test.broker.{uuid.uuid4().hex}"
+    queue = Queue(name, routing_key=name)
+    options = {"visibility_timeout": 0}  # every unacked message is overdue at once
+    with Connection(broker_url, transport=TRANSPORT, transport_options=options) as conn:
+        channel = conn.channel()
+        Producer(channel).publish({"x": 2}, routing_key=name, declare=[queue])
+        got: list[Any] = []
+        with Consumer(channel, [queue], callbacks=[lambda _b, m: got.append(m)]):
+            channel.basic_qos(0, 1, False)
+            conn.drain_events(timeout=5)
+        (message,) = got
+        with redis.Redis.from_url(broker_url) as client:
+            tag = message.delivery_tag
+            stored = json.loads(client.hget("unacked", tag))
+            assert stored == [json.loads(json.dumps(message._raw)), "", name]
+            assert abs(float(client.zscore("unacked_index", tag)) - time.time()) < 60
+            assert client.llen(name) == 0
+            channel.qos.restore_visible(num=10)  # kombu's: what a live worker runs
+            assert client.llen(name) == 1
+            assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+        channel.close()
