@@ -19,9 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
 
+import redis
 import redis.asyncio as aioredis
+from redis.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from app import live
@@ -40,12 +44,87 @@ _SUBSCRIBE_WAIT_S = 1.0  # how long a first waiter waits for the subscription to
 def publish_finished(workflow_id: str) -> None:
     """Announce that ``workflow_id`` reached a terminal state (call after the commit).
 
-    Never raises: a failed publish only makes waiters notice at their next re-read.
+    Never raises and never waits for Redis' answer (see :class:`Announcer`): a failed
+    publish only makes waiters notice at their next re-read.
     """
     try:
-        live.get_redis().publish(CHANNEL, workflow_id)
+        _announcer().publish(CHANNEL, workflow_id)
     except (RedisError, OSError, ConfigError) as exc:
         log.warning("could not announce that workflow %s finished: %s", workflow_id, exc)
+
+
+class Announcer:
+    """A connection to Redis that sends ``PUBLISH``es and reads no answers.
+
+    A finish notice is fire-and-forget (the database is the truth; a lost one costs a
+    waiter's next re-read), yet through redis-py's client the pool process that ends a
+    workflow waited for each ``PUBLISH``'s answer: on a busy host that is where it lost its
+    CPU to Redis and to the API it wakes, before it could take its next step. This
+    connection tells Redis ``CLIENT REPLY OFF`` once, after which Redis answers nothing on
+    it and a publish is one ``send``. Before each send it checks, without blocking, that
+    the server has not closed the connection (a restarted Redis): it then connects again.
+    Made from the client's own pool settings (address, auth, TLS, database); one per
+    process, shared by its threads under a lock.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        pool = client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs["health_check_interval"] = 0  # a health check waits for a PONG never sent
+        self._make: Callable[[], AbstractConnection] = lambda: pool.connection_class(**kwargs)
+        self._conn: AbstractConnection | None = None
+        self._lock = threading.Lock()
+
+    def publish(self, channel: str, message: str) -> None:
+        with self._lock:
+            try:
+                _send(self._connection(), "PUBLISH", channel, message)
+            except (RedisError, OSError):
+                self.close_locked()  # one fresh connection, then give up on this notice
+                _send(self._connection(), "PUBLISH", channel, message)
+
+    def _connection(self) -> AbstractConnection:
+        conn = self._conn
+        if conn is not None:
+            try:
+                if not conn.can_read(timeout=0):  # nothing to read: still open, as it should be
+                    return conn
+            except (RedisError, OSError):
+                pass  # closed by the server
+            self.close_locked()
+        conn = self._make()
+        conn.connect()  # type: ignore[no-untyped-call]
+        _send(conn, "CLIENT", "REPLY", "OFF")  # from here on Redis answers nothing
+        self._conn = conn
+        return conn
+
+    def close_locked(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(RedisError, OSError):
+                self._conn.disconnect()  # type: ignore[no-untyped-call]
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_locked()
+
+
+def _send(conn: AbstractConnection, *args: str) -> None:
+    conn.send_command(*args, check_health=False)  # type: ignore[no-untyped-call]
+
+
+_announcers: dict[tuple[str, int], Announcer] = {}
+_announcers_lock = threading.Lock()
+
+
+def _announcer() -> Announcer:
+    """This process's announcer for the settings' Redis (a new one after a fork)."""
+    key = (get_settings().broker_url, os.getpid())
+    with _announcers_lock:
+        found = _announcers.get(key)
+        if found is None:
+            found = _announcers[key] = Announcer(live.get_redis())
+        return found
 
 
 class FinishedListener:
