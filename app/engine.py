@@ -23,7 +23,7 @@ from jinja2 import TemplateError
 from sqlalchemy import Connection
 from sqlmodel import Session, select
 
-from app import db, notify, rows
+from app import db, notify, prepared, rows
 from app.errors import ConflictError, NotFoundError
 from app.rows import SENDABLE, StepState, WorkflowState
 from app.spec import ValidatedWorkflow
@@ -81,7 +81,7 @@ class _Tx:
     def steps(self) -> dict[str, StepState]:
         """The workflow's steps (their status columns only), read once per transaction."""
         if self.rows is None:
-            found = self.conn.execute(rows.STEPS, {"workflow_id": self.workflow.id})
+            found = prepared.execute(self.conn, rows.STEPS, {"workflow_id": self.workflow.id})
             self.rows = {r.step_id: StepState(*r) for r in found}
         return self.rows
 
@@ -104,12 +104,14 @@ def _locked(
     with db.connection_scope(write=True) as conn:
         step_id: str | None = None
         if workflow_id is None:
-            by_step = conn.execute(rows.LOCK_BY_STEP, {"step_run_id": step_run_id}).first()
+            by_step = prepared.execute(
+                conn, rows.LOCK_BY_STEP, {"step_run_id": step_run_id}
+            ).first()
             if by_step is None:
                 raise _StepGone(f"no step run {step_run_id!r}")
             wid, name, status, step_id = by_step
         else:
-            by_id = conn.execute(rows.LOCK_BY_ID, {"workflow_id": workflow_id}).first()
+            by_id = prepared.execute(conn, rows.LOCK_BY_ID, {"workflow_id": workflow_id}).first()
             if by_id is None:
                 raise NotFoundError(f"no workflow {workflow_id!r}")
             wid, name, status = by_id
@@ -375,7 +377,9 @@ def _claim(step_run_id: str, attempt: int) -> StepWork | None:
     # a database server it runs without a transaction around it: one round trip.
     now = utcnow()
     with db.connection_scope(write=True, autocommit=True) as conn:
-        claimed = conn.execute(rows.CLAIM, rows.claim_params(step_run_id, attempt, now)).first()
+        claimed = prepared.execute(
+            conn, rows.CLAIM, rows.claim_params(step_run_id, attempt, now)
+        ).first()
         if claimed is None:
             _log_stale(conn, step_run_id, attempt)
             return None
@@ -422,7 +426,7 @@ def _claim(step_run_id: str, attempt: int) -> StepWork | None:
 
 
 def _log_stale(conn: Connection, step_run_id: str, attempt: int) -> None:
-    found = conn.execute(rows.STALE, {"step_run_id": step_run_id}).first()
+    found = prepared.execute(conn, rows.STALE, {"step_run_id": step_run_id}).first()
     if found is None:
         raise _StepGone(f"no step run {step_run_id!r}")
     log.info(

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Table, Text, and_, bindparam, insert, or_, se
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.sql import Executable
 
+from app import prepared
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
@@ -181,7 +182,7 @@ def _write(conn: Connection, table: Table, changes: Iterable[tuple[str, dict[str
         params["_id"] = row_id
         groups.setdefault(frozenset(changed), []).append(params)
     for columns, params_list in groups.items():
-        conn.execute(_update_for(table, columns), params_list)
+        prepared.execute(conn, _update_for(table, columns), params_list)
 
 
 def flush(
@@ -202,9 +203,9 @@ def insert_workflow(
     conn: Connection, workflow: Mapping[str, Any], steps: list[dict[str, Any]]
 ) -> None:
     """Insert a new run and its steps (one statement each)."""
-    conn.execute(_INSERT_WORKFLOW, dict(workflow))
+    prepared.execute(conn, _INSERT_WORKFLOW, dict(workflow))
     if steps:
-        conn.execute(_INSERT_STEP, steps)
+        prepared.execute(conn, _INSERT_STEP, steps)
 
 
 # Built once: a statement built per call costs its cache key each time (~20 µs here).

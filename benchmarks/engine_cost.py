@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import event
 
-from app import db, engine
+from app import db, engine, prepared
 from app.api.routes.workflows import _fresh_view
 from app.core.config import Settings, use_settings
 from app.embedded import EmbeddedRedis
@@ -95,9 +95,21 @@ def _counting(counts: _Counts) -> Iterator[None]:
     event.listen(Engine, "before_cursor_execute", counts.statement)
     event.listen(Engine, "commit", counts.transaction)
     event.listen(Engine, "begin", counts.begin)
+    original = prepared.execute
+
+    def counted(conn: Any, stmt: Any, params: Any = None) -> prepared.Rows:
+        # Statements run on the driver's cursor pass no cursor event: count them here
+        # (one per call, an executemany included, as SQLAlchemy's event counts them).
+        first = (params[0] if params else {}) if isinstance(params, list) else (params or {})
+        if prepared.prepared_for(conn, stmt, first).supported:
+            counts.statement()
+        return original(conn, stmt, params)
+
+    prepared.execute = counted
     try:
         yield
     finally:
+        prepared.execute = original
         event.remove(Engine, "before_cursor_execute", counts.statement)
         event.remove(Engine, "commit", counts.transaction)
         event.remove(Engine, "begin", counts.begin)

@@ -16,7 +16,7 @@ from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from app import db, engine, live, notify, rows
+from app import db, engine, live, notify, prepared, rows
 from app.api.deps import (
     ApiKeyDep,
     FinishedDep,
@@ -210,7 +210,7 @@ def _fresh_view(key_id: int | None, workflow_id: str, *, on_loop: bool = False) 
     """A workflow and its steps as its owner sees them (Core reads: no spec, no ORM)."""
     params = {"workflow_id": workflow_id}
     with db.read_scope() if on_loop else db.connection_scope(autocommit=True) as conn:
-        found = conn.execute(rows.VIEW, params).all()  # the workflow's columns on each row
+        found = prepared.execute(conn, rows.VIEW, params)  # the workflow's columns on each row
     if not found or found[0].api_key_id != key_id:
         raise NotFoundError(f"no workflow {workflow_id!r}")
     return WorkflowPublic.of(
