@@ -137,9 +137,18 @@ def execute(
     its rows, if it returns any. Falls back to ``conn.execute`` where :class:`Prepared`
     does not apply."""
     many: list[Params] | None = list(params) if isinstance(params, list) else None
-    one: Params = {} if params is None or many is not None else params  # type: ignore[assignment]
+    if many is not None and len(many) == 1:
+        one, many = many[0], None  # one row: a plain execute (psycopg's executemany pipelines)
+    else:
+        one = {} if params is None or many is not None else params  # type: ignore[assignment]
     prepared = prepared_for(conn, stmt, many[0] if many else one)
-    if not prepared.supported:
+    if not prepared.supported or (
+        # Many rows into a driver whose executemany is a statement per row: SQLAlchemy's
+        # "insertmanyvalues" sends them as one INSERT of many VALUES (PostgreSQL).
+        many
+        and getattr(stmt, "is_insert", False)
+        and getattr(conn.dialect, "use_insertmanyvalues_wo_returning", False)
+    ):
         result = conn.execute(stmt, many if many is not None else dict(one))
         return Rows(result.all()) if result.returns_rows else Rows()
     driver = conn.connection.driver_connection

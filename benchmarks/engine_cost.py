@@ -7,7 +7,11 @@ and prints, per call, the median wall time, the mean CPU time, and how many stat
 transactions it made; on a database server each statement, ``BEGIN`` and ``COMMIT`` is a
 round trip::
 
-    python -m benchmarks.engine_cost [--n 300] [--database postgresql://…]
+    python -m benchmarks.engine_cost [--n 300] [--database postgresql://…] [--compare]
+
+``--compare`` runs the four calls alternately with the engine's statements on the
+driver's cursor (``app/prepared.py``, as shipped) and through SQLAlchemy's
+``Connection.execute`` (as before it), and prints the mean CPU per call each way.
 
 SQLite (a file in a temporary directory) always; a server database too with
 ``--database`` or ``CORRAL_BENCH_DATABASE_URL`` (it is migrated and written to). The
@@ -192,12 +196,40 @@ def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=300, help="one-step workflows per database")
-    p.add_argument("--database", default=os.environ.get(DATABASE_ENV), help="a server database")
-    args = p.parse_args(argv)
-    results: dict[str, dict[str, dict[str, float]]] = {}
+def _through_connection_execute(conn: Any, stmt: Any, params: Any = None) -> prepared.Rows:
+    """The engine's statements as before app/prepared.py: SQLAlchemy's ``Connection.execute``."""
+    result = conn.execute(stmt, params)
+    return prepared.Rows(result.all()) if result.returns_rows else prepared.Rows()
+
+
+def compare(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str, float]]:
+    """Mean CPU ms per call, the engine's statements on the driver's cursor (as shipped)
+    against the same statements through ``Connection.execute``, alternating per workflow."""
+    ways = {"cursor": prepared.execute, "execute": _through_connection_execute}
+    cpu: dict[str, dict[str, list[float]]] = {w: {c: [] for c in CALLS} for w in ways}
+    try:
+        with use_settings(settings):
+            upgrade(settings.sqlalchemy_url)
+            catalog = load_catalog(settings.catalog_path)
+            for i in range(warmup + 2 * n):
+                way = "cursor" if i % 2 else "execute"
+                prepared.execute = ways[way]
+                one = _OneWorkflow(validate_workflow(SPEC, catalog, settings))
+                for name in CALLS:
+                    c0 = _cpu_ms()
+                    getattr(one, name)()
+                    if i >= warmup:
+                        cpu[way][name].append(_cpu_ms() - c0)
+    finally:
+        prepared.execute = ways["cursor"]
+    db.dispose_engines()
+    return {c: {w: round(statistics.mean(cpu[w][c]), 3) for w in ways} for c in CALLS}
+
+
+@contextmanager
+def _environment(database: str | None) -> Iterator[dict[str, Settings]]:
+    """Settings per database (SQLite in a temporary directory, and ``database`` if given),
+    the tiny models and a Redis for the finish notices."""
     with tempfile.TemporaryDirectory(prefix="corral-engine-cost-") as tmp:
         work = Path(tmp)
         make_tiny(work / "models")
@@ -208,19 +240,39 @@ def main(argv: list[str] | None = None) -> int:
             redis_url = server.url
         try:
             urls = {"sqlite": f"sqlite:///{work / 'corral.db'}"}
-            if args.database:
-                urls[args.database.split(":", 1)[0]] = args.database
-            for name, url in urls.items():
-                settings = Settings(
+            if database:
+                urls[database.split(":", 1)[0]] = database
+            yield {
+                name: Settings(
                     database_url=url,
                     redis_url=redis_url,
                     models_dir=work / "models",
                     data_dir=work / "data",
                 )
-                results[name] = measure(settings, args.n)
+                for name, url in urls.items()
+            }
         finally:
             if server is not None:
                 server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=300, help="one-step workflows per database")
+    p.add_argument("--database", default=os.environ.get(DATABASE_ENV), help="a server database")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="CPU per call with the statements on the driver's cursor (as shipped) against "
+        "SQLAlchemy's Connection.execute, alternating per workflow",
+    )
+    args = p.parse_args(argv)
+    if args.compare:
+        return _main_compare(args)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with _environment(args.database) as settings_by_db:
+        for name, settings in settings_by_db.items():
+            results[name] = measure(settings, args.n)
     table = Table(title=f"the engine's database work per call, {args.n} one-step workflows")
     for col in ("database", "call", "wall (median)", "CPU (mean)", "statements", "transactions"):
         table.add_column(col)
@@ -233,6 +285,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['cpu_ms']:.3f} ms",
                 f"{r['statements']:g}",
                 f"{r['transactions']:g}",
+            )
+    Console().print(table)
+    return 0
+
+
+def _main_compare(args: argparse.Namespace) -> int:
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with _environment(args.database) as settings_by_db:
+        for name, settings in settings_by_db.items():
+            results[name] = compare(settings, args.n)
+    table = Table(
+        title=f"CPU per call (mean ms), {args.n} one-step workflows each way, alternating"
+    )
+    for col in ("database", "call", "driver's cursor", "Connection.execute", "ratio"):
+        table.add_column(col)
+    for name, by_call in results.items():
+        total = {w: sum(r[w] for r in by_call.values()) for w in ("cursor", "execute")}
+        for call, r in [*by_call.items(), ("all four", total)]:
+            table.add_row(
+                name,
+                call,
+                f"{r['cursor']:.3f}",
+                f"{r['execute']:.3f}",
+                f"{r['cursor'] / r['execute']:.2f}",
             )
     Console().print(table)
     return 0

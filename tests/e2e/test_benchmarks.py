@@ -126,6 +126,17 @@ def test_the_engine_cost_runs_on_each_database() -> None:
         assert float(row[4]) >= 1  # every call makes at least one statement
 
 
+def test_the_engine_cost_compares_the_cursor_with_connection_execute() -> None:
+    """`python -m benchmarks.engine_cost --compare`: both ways run every call on SQLite."""
+    rows = table_rows("benchmarks.engine_cost", "--n", "5", "--compare", timeout_s=240)
+    assert [(r[0], r[1]) for r in rows] == [
+        ("sqlite", c) for c in ("submit", "claim", "result", "read", "all four")
+    ]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0
+        assert abs(float(row[4]) - float(row[2]) / float(row[3])) < 0.02
+
+
 def test_the_api_cost_runs_with_and_without_the_start_up_freeze() -> None:
     """`python -m benchmarks.api_cost`: real submits through the ASGI app, with the
     start-up objects frozen (as `corral api` runs) and not."""
