@@ -62,11 +62,11 @@ class Prepared:
         self.positional: bool = bool(getattr(dialect, "positional", False))
         self.order: tuple[str, ...] = tuple(getattr(compiled, "positiontup", None) or ())
         binds = getattr(compiled, "binds", {})
-        self.bind_processors: dict[str, _Processor] = {
+        processors = {
             name: bind.type.dialect_impl(dialect).bind_processor(dialect)
             for name, bind in binds.items()
         }
-        self.bind_processors = {k: v for k, v in self.bind_processors.items() if v is not None}
+        self.bind_processors = {k: v for k, v in processors.items() if v is not None}
         columns = list(getattr(stmt, "exported_columns", ()))
         self.returns = bool(columns)
         self.result_processors: list[_Processor] = [
@@ -89,7 +89,7 @@ class Prepared:
         """The parameters the driver receives for ``values``, as SQLAlchemy builds them."""
         params: dict[str, Any] = dict(self.compiled.construct_params(dict(values)) or {})
         for name, process in self.bind_processors.items():
-            if name in params and process is not None:
+            if name in params:
                 params[name] = process(params[name])
         if self.positional:
             return tuple(params[name] for name in self.order)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import Engine
 
 from app import db
 from app.core.config import Settings, use_settings
@@ -131,3 +132,13 @@ def private_pg() -> Iterator[PrivatePostgres]:
     """A private PostgreSQL server, stopped and removed afterwards."""
     with private_postgres() as pg:
         yield pg
+
+
+@pytest.fixture
+def private_pg_engine(private_pg: PrivatePostgres) -> Iterator[Engine]:
+    """Corral's engine (app.db.make_engine) on the private PostgreSQL server."""
+    eng = db.make_engine(private_pg.url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        yield eng
+    finally:
+        eng.dispose()

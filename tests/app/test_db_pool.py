@@ -3,7 +3,6 @@ that the tests restart (app/db.py, _ping_when_idle)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,12 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def engine(private_pg: PrivatePostgres) -> Iterator[Engine]:
-    eng = db.make_engine(private_pg.url.replace("postgresql://", "postgresql+psycopg://"))
-    try:
-        yield eng
-    finally:
-        eng.dispose()
+def engine(private_pg_engine: Engine) -> Engine:
+    return private_pg_engine
 
 
 @pytest.fixture

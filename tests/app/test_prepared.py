@@ -5,7 +5,6 @@ the same rows back; driver errors raised as SQLAlchemy's. SQLite and PostgreSQL.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -203,32 +202,23 @@ def test_statements_sqlalchemy_must_complete_run_through_it(settings: Settings) 
     assert [(r[0], r[2]) for r in found] == [("a", {"text": "yo"})]
 
 
-@pytest.fixture
-def private_engine(private_pg: PrivatePostgres) -> Iterator[Engine]:
-    eng = db.make_engine(private_pg.url.replace("postgresql://", "postgresql+psycopg://"))
-    try:
-        yield eng
-    finally:
-        eng.dispose()
-
-
 @pytest.mark.slow
 def test_a_lost_server_fails_one_call_then_the_pool_recovers(
-    private_engine: Engine, private_pg: PrivatePostgres, monkeypatch: pytest.MonkeyPatch
+    private_pg_engine: Engine, private_pg: PrivatePostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As through Connection.execute: the disconnect is SQLAlchemy's OperationalError, marked
     as such, and the pool's other old connections are dropped with it."""
     monkeypatch.setattr(db, "PING_AFTER_IDLE_S", 3600.0)  # no ping would catch it
     stmt = select(literal(1).label("one"))  # an empty server: no tables needed
     params: dict[str, Any] = {}
-    with private_engine.connect() as one, private_engine.connect() as two:  # two pooled
+    with private_pg_engine.connect() as one, private_pg_engine.connect() as two:  # two pooled
         assert prepared.execute(one, stmt, params) == [(1,)]
         assert prepared.execute(two, stmt, params) == [(1,)]
     private_pg.stop()
     private_pg.start()
-    with pytest.raises(OperationalError) as caught, private_engine.connect() as conn:
+    with pytest.raises(OperationalError) as caught, private_pg_engine.connect() as conn:
         prepared.execute(conn, stmt, params)
     assert isinstance(caught.value, DBAPIError) and caught.value.connection_invalidated
     for _ in range(2):  # both old connections are gone: each checkout works
-        with private_engine.connect() as conn:
+        with private_pg_engine.connect() as conn:
             assert prepared.execute(conn, stmt, params) == [(1,)]
