@@ -8,6 +8,7 @@ of one workflow with ``SELECT ... FOR UPDATE`` on the workflow row in PostgreSQL
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -25,8 +26,11 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlmodel import Session
 
+from app import inline
 from app.core.config import get_settings
 from app.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
 
 _engines: dict[tuple[str, int, bool, bool], Engine] = {}
 _lock = threading.Lock()
@@ -47,9 +51,28 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _sqlite_pragmas_nowait(dbapi_conn: Any, record: Any) -> None:
+    # The event loop's writer: a lock it cannot take at once is an error (SQLITE_BUSY),
+    # and its commits leave checkpoints (an fsync of the database file) to the others.
+    _sqlite_pragmas(dbapi_conn, record)
+    dbapi_conn.execute("PRAGMA busy_timeout=0")
+    dbapi_conn.execute("PRAGMA wal_autocheckpoint=0")
+
+
 def _sqlite_begin_immediate(conn: Connection) -> None:
     # Take the write lock at the start, so a read-then-write never sees a stale snapshot.
     _sqlite_execute(conn, "BEGIN IMMEDIATE")
+
+
+def _sqlite_begin_immediate_nowait(conn: Connection) -> None:
+    # On the event loop: a write lock someone else holds (a writer that bypasses the
+    # gate) is a reason to go to the thread pool, not to wait. Nothing was written yet.
+    try:
+        conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+            raise DBAPIError.instance("BEGIN IMMEDIATE", None, exc, sqlite3.Error) from exc
+        raise inline.WouldBlock("SQLite's write lock") from exc
 
 
 def _sqlite_begin(conn: Connection) -> None:
@@ -73,8 +96,9 @@ def make_engine(url: str, *, write: bool = False, loop: bool = False) -> Engine:
 
     On SQLite a ``write`` engine opens every transaction with ``BEGIN IMMEDIATE``; reads use
     a plain ``BEGIN`` so that, in WAL mode, they never wait for a writer. A ``loop`` engine
-    is a read pool of its own for the API's event loop, which holds one connection at a
-    time (a read there never awaits), so it never waits for the thread pool's to return.
+    is a pool of its own for the API's event loop, which holds one connection at a time
+    (nothing there awaits), so it never waits for the thread pool's to return; a ``loop``
+    writer never waits for SQLite's lock either (see :mod:`app.inline`).
     """
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -84,8 +108,10 @@ def make_engine(url: str, *, write: bool = False, loop: bool = False) -> Engine:
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate if write else _sqlite_begin)
+        nowait = write and loop
+        event.listen(engine, "connect", _sqlite_pragmas_nowait if nowait else _sqlite_pragmas)
+        begin = _sqlite_begin_immediate_nowait if nowait else _sqlite_begin_immediate
+        event.listen(engine, "begin", begin if write else _sqlite_begin)
         return engine
     engine = create_engine(url, pool_size=5, max_overflow=10)
     _ping_when_idle(engine)
@@ -128,7 +154,7 @@ def get_engine(url: str | None = None, *, write: bool = False, loop: bool = Fals
     url = url or get_settings().sqlalchemy_url
     sqlite = url.startswith("sqlite")
     # One engine serves reads and writes on PostgreSQL, the event loop's included.
-    write, loop = write and sqlite, loop and sqlite and not write
+    write, loop = write and sqlite, loop and sqlite
     key = (url, os.getpid(), write, loop)
     with _lock:
         engine = _engines.get(key)
@@ -143,7 +169,8 @@ def reads_in_process() -> bool:
     True on SQLite: no network, and in WAL mode a reader never waits for a writer (it
     reads the last commit), so a short read costs its CPU and nothing else. The API reads
     a workflow's state on its event loop then (:func:`read_scope`): less than the two
-    thread hand-offs of the thread pool, which a step's path pays on every read.
+    thread hand-offs of the thread pool, which a step's path pays on every read. A write
+    there is tried only as inline work (:mod:`app.inline`): it never waits for the lock.
     """
     return get_settings().sqlalchemy_url.startswith("sqlite")
 
@@ -174,9 +201,9 @@ def session_scope(*, write: bool = False) -> Iterator[Session]:
 
     ``write=True`` for transactions that change workflow state.
     """
-    engine = get_engine(write=write)
-    gate = _writer_gate(engine) if write else None
-    with gate.hold() if gate else nullcontext(), Session(engine, expire_on_commit=False) as session:
+    engine, gate = _writer(write)
+    held = gate.hold(wait=not inline.is_active()) if gate else nullcontext()
+    with held, Session(engine, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()
@@ -186,6 +213,8 @@ def session_scope(*, write: bool = False) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+    if gate is not None and inline.is_active():
+        _checkpoint_now_and_then(engine)
 
 
 @contextmanager
@@ -199,9 +228,8 @@ def connection_scope(*, write: bool = False, autocommit: bool = False) -> Iterat
     without the round trips of ``BEGIN`` and ``COMMIT``. SQLite keeps its transaction
     (its ``BEGIN`` and ``COMMIT`` are calls in this process).
     """
-    engine = get_engine(write=write)
-    gate = _writer_gate(engine) if write else None
-    with gate.hold() if gate else nullcontext():
+    engine, gate = _writer(write)
+    with gate.hold(wait=not inline.is_active()) if gate else nullcontext():
         try:
             if autocommit and engine.dialect.name != "sqlite":
                 with engine.connect() as conn:
@@ -212,6 +240,55 @@ def connection_scope(*, write: bool = False, autocommit: bool = False) -> Iterat
                     yield conn
         except (OperationalError, InterfaceError) as exc:
             raise ServiceUnavailable(f"the database is unavailable: {exc.orig}") from exc
+    if gate is not None and inline.is_active():
+        _checkpoint_now_and_then(engine)
+
+
+def _writer(write: bool) -> tuple[Engine, _WriterGate | None]:
+    """The engine for a transaction, and the gate its writer queues on (SQLite)."""
+    if not inline.is_active():
+        engine = get_engine(write=write)
+        return engine, _writer_gate(engine) if write else None
+    # Inline work on the event loop (app.inline): the loop's own pools; a writer never
+    # waits for the gate, nor for SQLite's lock. A server database never runs inline.
+    if not reads_in_process():
+        inline.would_wait("the database server")
+    engine = get_engine(write=write, loop=True)
+    return engine, _writer_gate(engine) if write else None
+
+
+# The loop's writer leaves checkpoints to the others (PRAGMA wal_autocheckpoint=0); every
+# this many of its commits, one runs in a thread of its own so the WAL stays bounded even
+# when nothing else writes (SQLite's own default threshold is 1000 pages).
+CHECKPOINT_EVERY = 500
+_loop_commits = 0
+_checkpointer: threading.Thread | None = None
+
+
+def _checkpoint_now_and_then(engine: Engine) -> None:
+    """After a commit of the loop's writer: every :data:`CHECKPOINT_EVERY` of them, a
+    passive checkpoint in a thread (it never waits for a lock; the WAL frames it cannot
+    copy yet wait for the next one)."""
+    global _loop_commits, _checkpointer
+    _loop_commits += 1
+    if _loop_commits % CHECKPOINT_EVERY or (_checkpointer and _checkpointer.is_alive()):
+        return
+    path = str(engine.url.database)
+    _checkpointer = threading.Thread(
+        target=_checkpoint, args=(path,), name="corral-checkpoint", daemon=True
+    )
+    _checkpointer.start()
+
+
+def _checkpoint(path: str) -> None:
+    try:
+        checkpointer = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            checkpointer.close()
+    except sqlite3.Error as exc:  # the next one tries again; readers cope with a longer WAL
+        log.warning("WAL checkpoint of %s failed: %s", path, exc)
 
 
 class _WriterGate:
@@ -234,7 +311,9 @@ class _WriterGate:
         self._fd: int | None = None
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self, *, wait: bool = True) -> Iterator[None]:
+        """Hold the gate for the block. ``wait=False`` (inline work on the event loop):
+        a gate held by another thread or process raises :class:`app.inline.WouldBlock`."""
         if getattr(self._depth, "n", 0):  # nested in this thread: already held
             self._depth.n += 1
             try:
@@ -243,7 +322,9 @@ class _WriterGate:
                 self._depth.n -= 1
             return
         deadline = time.monotonic() + self.timeout_s
-        if not self._threads.acquire(timeout=self.timeout_s):
+        if not self._threads.acquire(blocking=wait, timeout=self.timeout_s if wait else -1):
+            if not wait:
+                raise inline.WouldBlock("SQLite's writer gate (another thread)")
             raise ServiceUnavailable(f"the database stayed locked for {self.timeout_s:g} s")
         try:
             if self._fd is None:
@@ -254,6 +335,8 @@ class _WriterGate:
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if not wait:
+                        raise inline.WouldBlock("SQLite's writer gate (another process)") from None
                     if time.monotonic() > deadline:
                         raise ServiceUnavailable(
                             f"the database stayed locked for {self.timeout_s:g} s"

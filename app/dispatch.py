@@ -11,6 +11,7 @@ writes nothing to the database after its commit.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -19,13 +20,15 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 import redis
+import redis.asyncio as aioredis
 from celery import Celery
-from redis.commands.core import Script
+from redis.commands.core import AsyncScript, Script
 from redis.exceptions import RedisError
 from sqlalchemy import update
 from sqlmodel import select
 
-from app import db, live
+from app import db, inline, live
+from app.core.config import get_settings
 from app.engine import SENDABLE, Dispatch, Dispatcher
 from app.tables import StepRun, StepStatus, utcnow
 
@@ -207,34 +210,71 @@ class CeleryDispatcher:
 
     Every message and its step's sent-marker go to the broker's Redis in one script call:
     one round trip for a batch (a fan-out readies many steps), and a marker exists only
-    for a message that was pushed.
+    for a message that was pushed. :meth:`send_async` is the same send for an event loop
+    (the API's inline submit), on an asyncio client of its own.
     """
 
     def __init__(self, celery: Celery) -> None:
         self.celery = celery
+        # (loop, broker URL, client, its send script) for send_async; one per loop.
+        self._async: tuple[asyncio.AbstractEventLoop, str, aioredis.Redis, AsyncScript] | None
+        self._async = None
+
+    def _batch(self, dispatches: Sequence[Dispatch]) -> tuple[list[str], list[bytes | int]]:
+        from workers.celery_app import queue_for
+
+        keys: list[str] = []
+        argv: list[bytes | int] = []
+        for d in dispatches:
+            keys += [queue_for(d.model), SENT_PREFIX + d.step_run_id]
+            argv += [step_message(self.celery, d), d.attempt]
+        return keys, argv
 
     def send(self, dispatches: Sequence[Dispatch]) -> None:
         if not dispatches:
             return
-        from workers.celery_app import queue_for
-
-        keys: list[str] = []
-        argv: list[bytes | str | int] = []
-        for d in dispatches:
-            keys += [queue_for(d.model), SENT_PREFIX + d.step_run_id]
-            argv += [step_message(self.celery, d), d.attempt]
+        keys, argv = self._batch(dispatches)
         try:
             _send_script(live.get_redis())(keys=keys, args=argv)
         except (RedisError, OSError) as exc:
-            # The steps stay `queued`; the reconciler sends those that have no marker.
-            # They are committed: a broker outage delays them, it does not lose them.
-            log.warning(
-                "could not enqueue %d step(s), the reconciler will: %s", len(dispatches), exc
-            )
+            _not_sent(dispatches, exc)
             return
         no_pool = self._without_pool(dispatches)
         if no_pool:
             mark_waiting_for_pool(no_pool)
+
+    async def send_async(self, dispatches: Sequence[Dispatch]) -> None:
+        """:meth:`send` without blocking the running event loop: the script call on an
+        asyncio client, and what else would wait (a stale live-pool view to refresh,
+        steps to mark ``waiting_for_pool``) in a thread."""
+        if not dispatches:
+            return
+        keys, argv = self._batch(dispatches)
+        try:
+            await self._async_script()(keys=keys, args=argv)
+        except (RedisError, OSError) as exc:
+            _not_sent(dispatches, exc)
+            return
+        try:
+            with inline.active():
+                no_pool = self._without_pool(dispatches)
+        except inline.WouldBlock:
+            no_pool = await asyncio.to_thread(self._without_pool, dispatches)
+        if no_pool:
+            await asyncio.to_thread(mark_waiting_for_pool, no_pool)
+
+    def _async_script(self) -> AsyncScript:
+        loop, url = asyncio.get_running_loop(), get_settings().broker_url
+        if self._async is None or self._async[0] is not loop or self._async[1] != url:
+            client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            self._async = (loop, url, client, client.register_script(_SEND))
+        return self._async[3]
+
+    async def aclose(self) -> None:
+        """Close the asyncio client of the running loop (the API's shutdown)."""
+        found, self._async = self._async, None
+        if found is not None and found[0] is asyncio.get_running_loop():
+            await found[2].aclose()
 
     @staticmethod
     def _without_pool(sent: Sequence[Dispatch]) -> list[str]:
@@ -244,6 +284,12 @@ class CeleryDispatcher:
         except (RedisError, OSError):
             return []
         return [d.step_run_id for d in sent if d.model not in live_models]
+
+
+def _not_sent(dispatches: Sequence[Dispatch], exc: BaseException) -> None:
+    # The steps stay `queued`; the reconciler sends those that have no marker. They are
+    # committed: a broker outage delays them, it does not lose them.
+    log.warning("could not enqueue %d step(s), the reconciler will: %s", len(dispatches), exc)
 
 
 def reconcile(dispatcher: Dispatcher, older_than_s: float) -> int:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from jinja2 import TemplateError
 from sqlalchemy import Connection
@@ -49,6 +49,15 @@ class Dispatcher(Protocol):
     """Sends dispatches to the broker (Celery in production and in the tests)."""
 
     def send(self, dispatches: Sequence[Dispatch]) -> None: ...
+
+
+@runtime_checkable
+class AsyncDispatcher(Protocol):
+    """A dispatcher that can also send from an event loop without blocking it."""
+
+    def send(self, dispatches: Sequence[Dispatch]) -> None: ...
+
+    async def send_async(self, dispatches: Sequence[Dispatch]) -> None: ...
 
 
 @dataclass
@@ -133,11 +142,12 @@ class Created:
 
     id: str
     status: WorkflowStatus
+    dispatches: tuple[Dispatch, ...] = ()  # what the caller sends (no dispatcher given)
 
 
 def create_workflow(
     validated: ValidatedWorkflow,
-    dispatcher: Dispatcher,
+    dispatcher: Dispatcher | None,
     *,
     api_key_id: int | None = None,
     idempotency_key: str | None = None,
@@ -149,7 +159,10 @@ def create_workflow(
     The steps are settled before they are written, so each row is inserted in its first
     state (``queued`` or ``pending``): one INSERT for the run, one for its steps.
     ``workflow_id`` chooses the run's id (a caller that waits for the end registers for
-    its notice before anything can finish); by default a new one.
+    its notice before anything can finish); by default a new one. Without a
+    ``dispatcher`` nothing is sent or announced here: the caller sends the returned
+    ``dispatches`` and announces a run that ended at once (the API's event loop does,
+    without blocking).
     """
     spec = validated.spec
     now = utcnow()
@@ -200,6 +213,8 @@ def create_workflow(
             for position, (step, state) in enumerate(zip(spec.steps, states.values(), strict=True))
         ]
         rows.insert_workflow(conn, run, new_steps)
+    if dispatcher is None:
+        return Created(run["id"], run["status"], tuple(tx.dispatches))
     if tx.dispatches:
         dispatcher.send(tx.dispatches)
     if tx.workflow.status.terminal:  # every step skipped at once

@@ -11,6 +11,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
+from app import inline
 from app.core.config import get_settings
 from app.errors import ServiceUnavailable
 
@@ -73,6 +74,7 @@ def live_workers(max_age_s: float = 0.0) -> list[dict[str, Any]]:
     cached = _live_cache.get(os.getpid())
     if max_age_s > 0 and cached is not None and now - cached[0] < max_age_s:
         return cached[1]
+    inline.would_wait("a fresh live-pool view from Redis")
     client = get_redis()
     keys = sorted(client.scan_iter(match=WORKER_KEY.format(hostname="*"), count=500))
     workers = [json.loads(v) for v in client.mget(keys) if v is not None] if keys else []

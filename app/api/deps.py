@@ -13,7 +13,7 @@ from sqlmodel import Session
 
 from app import db, keys
 from app.core.config import Settings, get_settings
-from app.engine import Dispatcher
+from app.engine import AsyncDispatcher, Dispatcher
 from app.errors import AuthError, ServiceUnavailable
 from app.memory.service import Memory, get_memory
 from app.notify import FinishedListener
@@ -92,12 +92,13 @@ class Submission:
     catalog: Catalog
     dispatcher: Dispatcher
     finished: FinishedListener
+    async_dispatcher: AsyncDispatcher | None  # the same dispatcher, if it can send on a loop
 
 
 async def _submission(request: Request) -> Submission:
     settings, state = get_settings(), request.app.state
     catalog = load_catalog(settings.catalog_path)
-    return Submission(settings, catalog, state.dispatcher, state.finished)
+    return Submission(settings, catalog, state.dispatcher, state.finished, state.async_dispatcher)
 
 
 def _memory() -> Iterator[Memory]:

@@ -11,7 +11,7 @@ from app.api import errors
 from app.api.routes import conversations, gpus, health, memory, metrics, models, workflows
 from app.core.process import freeze_startup_objects
 from app.dispatch import CeleryDispatcher
-from app.engine import Dispatcher
+from app.engine import AsyncDispatcher, Dispatcher
 from app.notify import FinishedListener
 
 
@@ -20,6 +20,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     freeze_startup_objects()  # full collections then skip everything start-up made
     yield
     await app.state.finished.close()
+    if isinstance(app.state.dispatcher, CeleryDispatcher):
+        await app.state.dispatcher.aclose()
 
 
 def create_app(dispatcher: Dispatcher | None = None) -> FastAPI:
@@ -35,6 +37,7 @@ def create_app(dispatcher: Dispatcher | None = None) -> FastAPI:
 
         dispatcher = CeleryDispatcher(celery_app)
     app.state.dispatcher = dispatcher
+    app.state.async_dispatcher = dispatcher if isinstance(dispatcher, AsyncDispatcher) else None
     app.state.finished = FinishedListener()  # wakes long-polling reads
     errors.install(app)
     app.include_router(health.router)

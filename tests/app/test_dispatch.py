@@ -286,3 +286,37 @@ def test_a_message_and_its_marker_are_written_together(settings: Settings) -> No
         client.delete(queue, SENT_PREFIX + sid)
         client.close()
         celery.close()
+
+
+def test_an_async_send_pushes_and_marks_what_a_send_does(settings: Settings) -> None:
+    """The API's event loop sends through ``send_async`` (an asyncio client): the same
+    list entry, the same marker, and a step with no live pool marked so, as ``send``."""
+    import asyncio
+
+    from workers.celery_app import make_celery
+
+    celery = make_celery()
+    client = redis_client(settings)
+    queue = "model.nobody-serves-this"
+    sync_sid, async_sid = one_step(settings), one_step(settings)
+    try:
+        sender = CeleryDispatcher(celery)
+        client.delete(queue)
+        sender.send([Dispatch(sync_sid, "nobody-serves-this", 1)])
+
+        async def send_async() -> None:
+            await sender.send_async([Dispatch(async_sid, "nobody-serves-this", 1)])
+            await sender.aclose()
+
+        asyncio.run(send_async())
+        pushed = [json.loads(m) for m in client.lrange(queue, 0, -1)]
+        by_id = {m["headers"]["id"]: _without_tag(m) for m in pushed}
+        assert set(by_id) == {f"{sync_sid}-1", f"{async_sid}-1"}
+        expected = json.loads(step_message(celery, Dispatch(async_sid, "nobody-serves-this", 1)))
+        assert by_id[f"{async_sid}-1"] == _without_tag(expected)
+        assert sent_attempts(client, [sync_sid, async_sid]) == {sync_sid: 1, async_sid: 1}
+        assert step(sync_sid).status is step(async_sid).status is StepStatus.waiting_for_pool
+    finally:
+        client.delete(queue, SENT_PREFIX + sync_sid, SENT_PREFIX + async_sid)
+        client.close()
+        celery.close()

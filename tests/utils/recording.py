@@ -16,3 +16,6 @@ class RecordingDispatcher:
 
     def send(self, dispatches: Sequence[Dispatch]) -> None:
         self.sent.extend(dispatches)
+
+    async def send_async(self, dispatches: Sequence[Dispatch]) -> None:
+        self.sent.extend(dispatches)

@@ -1,6 +1,6 @@
 """Prometheus metrics (text exposition format), no API key: workflow and step counts by
 status, queue lengths per model queue, live workers per model, and this API process's
-garbage collector."""
+submits by where they ran and its garbage collector."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlmodel import select
 
 from app import live
 from app.api.deps import CatalogDep, SessionDep
+from app.api.routes.workflows import SUBMIT_PATHS
 from app.core.process import gc_metrics
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
@@ -50,5 +51,12 @@ def metrics(session: SessionDep, catalog: CatalogDep) -> str:
     ]
     for entry in catalog.entries:
         lines.append(f'corral_workers{{model="{entry.name}"}} {workers.get(entry.name, 0)}')
+    lines += [
+        "# HELP corral_api_submits_total Submits this API process handled, by where they "
+        "ran: on its event loop (nothing had to wait) or in its thread pool.",
+        "# TYPE corral_api_submits_total counter",
+    ]
+    for path in ("event_loop", "thread_pool"):
+        lines.append(f'corral_api_submits_total{{path="{path}"}} {SUBMIT_PATHS[path]}')
     lines += gc_metrics()
     return "\n".join(lines) + "\n"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import time
+from collections import Counter
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -16,7 +18,7 @@ from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from app import db, engine, live, notify, prepared, rows
+from app import db, engine, inline, live, notify, prepared, rows
 from app.api.deps import (
     ApiKeyDep,
     FinishedDep,
@@ -34,7 +36,7 @@ from app.schemas import (
     WorkflowPublic,
     WorkflowSummary,
 )
-from app.spec import WorkflowSpec, validate_workflow
+from app.spec import ValidatedWorkflow, WorkflowSpec, validate_workflow
 from app.tables import ApiKey, WorkflowRun, WorkflowStatus, new_id
 from app.tokens import count_tokens
 
@@ -48,7 +50,8 @@ _SPEC_SCHEMA = {
 }
 
 
-async def _read_body(request: Request, limit: int) -> Any:
+async def _read_body(request: Request, limit: int) -> tuple[Any, int]:
+    """The request's JSON body, parsed, and its size in bytes."""
     declared = request.headers.get("content-length")
     too_big = SpecError.single(
         ("body",),
@@ -64,7 +67,7 @@ async def _read_body(request: Request, limit: int) -> Any:
             raise too_big
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks) or b"null")
+        return json.loads(b"".join(chunks) or b"null"), size
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SpecError.single(("body",), f"body is not valid JSON: {exc}", "json_invalid") from exc
 
@@ -118,26 +121,99 @@ async def submit_workflow(
     and answers with the workflow's state: ``200`` once it has ended, ``202`` if it is
     still running when the wait runs out. One request instead of a submit and a read.
     """
-    raw = await _read_body(request, platform.settings.max_body_bytes)
-    # Validation, the database and the broker block: off the event loop (one hop to the
-    # thread pool for all of it), which keeps serving other requests meanwhile.
+    raw, size = await _read_body(request, platform.settings.max_body_bytes)
     if wait_s <= 0:
-        return await run_in_threadpool(_submit, raw, response, key, platform, idempotency_key)
+        return await _accept(raw, size, response, key, platform, idempotency_key)
     deadline = time.monotonic() + wait_s
     workflow_id = new_id()
     # Registered for the finish notice before the steps are sent: a workflow that ends
     # before this request's next line runs is still noticed, with no read in between.
     finished = platform.finished
     async with finished.watch(workflow_id) as event:
-        accepted = await run_in_threadpool(
-            _submit, raw, response, key, platform, idempotency_key, workflow_id
-        )
+        accepted = await _accept(raw, size, response, key, platform, idempotency_key, workflow_id)
         if accepted.id == workflow_id and accepted.status is WorkflowStatus.running:
             await finished.wait(event, min(deadline - time.monotonic(), notify.RECHECK_S))
     view = await _await_end(finished, key.id, accepted.id, deadline)
     if view.status.terminal:
         response.status_code = 200
     return view
+
+
+# A submit whose body is larger than this runs in the thread pool: counting a long
+# prompt's tokens is CPU that the loop's other requests would wait behind.
+INLINE_BODY_MAX = 16 * 1024
+# Submits by where they ran: on the event loop (inline) or in the thread pool (/metrics).
+SUBMIT_PATHS: Counter[str] = Counter()
+
+
+async def _accept(
+    raw: Any,
+    size: int,
+    response: Response,
+    key: ApiKey,
+    platform: Submission,
+    idempotency_key: str | None,
+    workflow_id: str | None = None,
+) -> WorkflowAccepted:
+    """Validate, store and send a submit: on the event loop when none of it has to wait
+    (:mod:`app.inline`), else in the thread pool, which keeps serving meanwhile.
+
+    On SQLite a submit is calls into this process and one message to Redis; on the loop
+    it saves the two thread hand-offs of the pool, more than the work itself on a small
+    host. It runs there when the dispatcher can send without blocking, the body is small,
+    there is no ``Idempotency-Key`` (its lookup and race handling stay in the pool), and
+    nothing inside finds a reason to wait: a vocabulary not loaded or the live-pool view
+    due for a refresh (the whole submit goes to the pool), SQLite's write lock held (the
+    validated workflow goes to the pool, to wait for it there). Each is found before
+    anything is written.
+    """
+    sender = platform.async_dispatcher
+    validated = None
+    if sender and not idempotency_key and size <= INLINE_BODY_MAX and db.reads_in_process():
+        with contextlib.suppress(inline.WouldBlock), inline.active():
+            validated = _validate(raw, platform)
+    if sender is None or validated is None:  # all of it in the thread pool
+        SUBMIT_PATHS["thread_pool"] += 1
+        return await run_in_threadpool(
+            _submit, raw, response, key, platform, idempotency_key, workflow_id
+        )
+    try:
+        with inline.active():
+            run = _create(validated, key, None, workflow_id)
+    except inline.WouldBlock:  # SQLite's write lock is taken: wait for it in the thread pool
+        SUBMIT_PATHS["thread_pool"] += 1
+        run = await run_in_threadpool(_create, validated, key, platform.dispatcher, workflow_id)
+    else:
+        SUBMIT_PATHS["event_loop"] += 1
+        await sender.send_async(run.dispatches)
+        if run.status.terminal:  # every step skipped at once: wake its waiters
+            await run_in_threadpool(notify.publish_finished, run.id)
+    response.headers["Location"] = f"/v1/workflows/{run.id}"
+    return _summary(run)
+
+
+def _validate(raw: Any, platform: Submission) -> ValidatedWorkflow:
+    contexts = live.pool_contexts(max_age_s=1.0)
+    return validate_workflow(raw, platform.catalog, platform.settings, count_tokens, contexts)
+
+
+def _create(
+    validated: ValidatedWorkflow,
+    key: ApiKey,
+    dispatcher: engine.Dispatcher | None,
+    workflow_id: str | None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> engine.Created:
+    """Store a validated workflow; without a ``dispatcher`` the caller sends its steps."""
+    return engine.create_workflow(
+        validated,
+        dispatcher,
+        api_key_id=key.id,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        workflow_id=workflow_id,
+    )
 
 
 def _submit(
@@ -155,16 +231,10 @@ def _submit(
             earlier = engine.find_idempotent(session, key.id, idempotency_key)
         if earlier is not None:
             return _replay(earlier, request_hash, response)
-    contexts = live.pool_contexts(max_age_s=1.0)
-    validated = validate_workflow(raw, platform.catalog, platform.settings, count_tokens, contexts)
+    validated = _validate(raw, platform)
     try:
-        run = engine.create_workflow(
-            validated,
-            platform.dispatcher,
-            api_key_id=key.id,
-            idempotency_key=idempotency_key,
-            request_hash=request_hash,
-            workflow_id=workflow_id,
+        run = _create(
+            validated, key, platform.dispatcher, workflow_id, idempotency_key, request_hash
         )
     except IntegrityError:
         # A concurrent submit with the same Idempotency-Key won the race.
