@@ -237,6 +237,8 @@ def corral_batch(stack: Stack, call: GenCall, n: int, concurrency: int) -> tuple
             ThreadPoolExecutor(concurrency) as pool,
             CpuMeter(stack.pids("api")) as api,
             CpuMeter(stack.pids("worker")) as worker,
+            CpuMeter(stack.pids("redis")) as redis_server,
+            CpuMeter(stack.pids("database")) as database,
             CpuMeter() as own,
         ):
             t0 = time.perf_counter()
@@ -255,13 +257,32 @@ def corral_batch(stack: Stack, call: GenCall, n: int, concurrency: int) -> tuple
         clients.close()
     if done != n:
         raise RuntimeError(f"{n - done} of {n} dispatch workflows did not succeed")
-    return elapsed, {"api": api.used_s, "worker": worker.used_s, "client": own.used_s}
+    return elapsed, {
+        "api": api.used_s,
+        "worker": worker.used_s,
+        "client": own.used_s,
+        **_servers(stack, redis_server, database),
+    }
+
+
+def _servers(stack: Stack, redis_server: CpuMeter, database: CpuMeter) -> Cpu:
+    """The local servers' CPU (absent for a server elsewhere, or SQLite's in-process one)."""
+    return {
+        name: meter.used_s
+        for name, meter in (("redis", redis_server), ("database", database))
+        if name in stack.services
+    }
 
 
 def _bare_batch(stack: Stack, call: GenCall, n: int) -> tuple[float, Cpu]:
     """``apply_async`` ``n`` bare tasks and collect every result; (seconds, CPU seconds)."""
     args = [dataclasses.asdict(call)]
-    with CpuMeter(stack.pids("bare")) as worker, CpuMeter() as own:
+    with (
+        CpuMeter(stack.pids("bare")) as worker,
+        CpuMeter(stack.pids("redis")) as redis_server,
+        CpuMeter(stack.pids("database")) as database,
+        CpuMeter() as own,
+    ):
         t0 = time.perf_counter()
         results = [
             stack.bare_app.send_task(bare.GENERATE, args=args, queue=bare.QUEUE) for _ in range(n)
@@ -272,7 +293,11 @@ def _bare_batch(stack: Stack, call: GenCall, n: int) -> tuple[float, Cpu]:
         r.forget()
     if any(o["usage"]["completion_tokens"] != call.max_tokens for o in outputs):
         raise RuntimeError("a bare task generated a different number of tokens")
-    return elapsed, {"worker": worker.used_s, "client": own.used_s}
+    return elapsed, {
+        "worker": worker.used_s,
+        "client": own.used_s,
+        **_servers(stack, redis_server, database),
+    }
 
 
 def _medians(values: dict[str, list[float]]) -> dict[str, float]:
@@ -317,7 +342,9 @@ def dispatch(stack: Stack, call: GenCall, n: int, rounds: int, concurrency: int)
         "ratio": ratio(c, b),
         "round_ratios": [ratio(x, y) for x, y in zip(corral_rate, bare_rate, strict=True)],
         # CPU per workflow (task), ms, median over rounds: of Corral's API and worker
-        # processes or the bare worker, of this benchmark's client process, and in total.
+        # processes or the bare worker, of this benchmark's client process, of the Redis
+        # and database servers when they run on this host (the bare side idles the
+        # database, whose background work still counts), and in total.
         "corral_cpu_ms_per_item": _medians(corral_cpu),
         "bare_cpu_ms_per_item": _medians(bare_cpu),
     }

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis
 import yaml
 from celery import Celery
 
@@ -27,7 +28,7 @@ from app import db, keys
 from app.core.config import PACKAGE_ROOT, Settings, settings_env, use_settings
 from app.embedded import EmbeddedRedis, free_port
 from app.migrate import upgrade
-from benchmarks import bare
+from benchmarks import bare, stats
 from benchmarks.client import BenchClient, ClientKind, open_client
 from models.catalog import CATALOG_PATH, load_catalog
 from models.tiny import make_tiny
@@ -66,6 +67,9 @@ class Stack:
     http_client: ClientKind = "stdlib"  # what drives the API (benchmarks/client.py)
     api_workers: int = 1  # `corral api --workers`
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Servers on this host the run did not spawn itself, by role ("redis", "database"):
+    # their CPU is part of what a workflow or a task costs the machine.
+    services: dict[str, int] = field(default_factory=dict)
     _exit: ExitStack = field(default_factory=ExitStack)
 
     @property
@@ -94,7 +98,9 @@ class Stack:
             conn.default_channel.queue_purge(queue)
 
     def pids(self, *names: str) -> list[int]:
-        return [self.procs[n].pid for n in names if n in self.procs]
+        """Process ids by role: a spawned process, or a local server (``services``)."""
+        found = [self.procs[n].pid for n in names if n in self.procs]
+        return found + [self.services[n] for n in names if n in self.services]
 
     def logs(self, tail: int = 3000) -> str:
         out = []
@@ -208,7 +214,36 @@ def start_stack(
     except BaseException:
         stack.stop()
         raise
+    stack.services = local_servers(stack.settings)
     return stack
+
+
+def _is(pid: int, command: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip().startswith(command)
+    except OSError:
+        return False
+
+
+def local_servers(settings: Settings) -> dict[str, int]:
+    """The pids of the Redis server and the database server (PostgreSQL's postmaster, whose
+    children are the backends) when they run on this host; a SQLite database lives in the
+    processes that use it. A server elsewhere is left out: its CPU is not this host's."""
+    found: dict[str, int] = {}
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        pid = int(client.info("server")["process_id"])
+    finally:
+        client.close()
+    if _is(pid, "redis-server"):
+        found["redis"] = pid
+    if settings.sqlalchemy_url.startswith("postgresql"):
+        with use_settings(settings), db.connection_scope() as conn:
+            backend = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+        parent = stats.parent_of(backend)
+        if parent is not None and _is(backend, "postgres") and _is(parent, "postgres"):
+            found["database"] = parent
+    return found
 
 
 def _start_processes(stack: Stack, log_level: str) -> None:

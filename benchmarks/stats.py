@@ -74,6 +74,12 @@ def cpu_s(pid: int) -> float | None:
     return None if st is None else st[1]
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent process of ``pid``, if it is alive."""
+    st = _stat(pid)
+    return None if st is None else st[0]
+
+
 def children_of(pid: int) -> list[int]:
     """The live child processes of ``pid`` (a Celery worker's pool processes)."""
     return sorted(p for p, (ppid, _cpu) in (_all_stats() or {}).items() if ppid == pid)
