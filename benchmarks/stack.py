@@ -67,8 +67,8 @@ class Stack:
     http_client: ClientKind = "stdlib"  # what drives the API (benchmarks/client.py)
     api_workers: int = 1  # `corral api --workers`
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    # Servers on this host the run did not spawn itself, by role ("redis", "database"):
-    # their CPU is part of what a workflow or a task costs the machine.
+    # The Redis and database servers on this host, by role ("redis", "database"), whether
+    # the run started them or not: their CPU is part of what a workflow or a task costs.
     services: dict[str, int] = field(default_factory=dict)
     _exit: ExitStack = field(default_factory=ExitStack)
 
