@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from jinja2 import TemplateError
@@ -73,6 +74,8 @@ class StepWork:
     input: dict[str, Any]
     timeout_s: float | None
     queued_ms: float
+    started_at: datetime
+    claimed: bool = True  # False until mark_running (or never: the result claims it)
     input_error: str | None = None
 
 
@@ -379,26 +382,49 @@ def _error_of(tx: _Tx, step: StepState) -> str | None:
 def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
     """Mark one attempt of a step running; None when this delivery is stale or a duplicate."""
     try:
-        return _claim(step_run_id, attempt)
+        return _take(step_run_id, attempt, claim=True)
     except _StepGone:
         return None
 
 
-def _claim(step_run_id: str, attempt: int) -> StepWork | None:
+def open_step(step_run_id: str, attempt: int) -> StepWork | None:
+    """What :func:`claim_step` returns, without writing the claim: the step stays as it is
+    (``queued``) until :func:`mark_running` or its result. None when this delivery is stale
+    or a duplicate. Nothing is written, so on SQLite this never waits for the write lock
+    and on a database server it commits nothing."""
+    try:
+        return _take(step_run_id, attempt, claim=False)
+    except _StepGone:
+        return None
+
+
+def mark_running(work: StepWork) -> bool:
+    """The claim :func:`open_step` left out, written once the step has run a while: the
+    step is ``running`` since ``work.started_at``. False when the step is no longer this
+    attempt's to run (cancelled, its workflow ended, or finished by another delivery)."""
+    params = rows.claim_params(work.step_run_id, work.attempt, work.started_at)
+    params["updated_at"] = utcnow()
+    with db.connection_scope(write=True, autocommit=True) as conn:
+        marked = prepared.execute(conn, rows.MARK_RUNNING, params).first() is not None
+    work.claimed = marked
+    return marked
+
+
+def _take(step_run_id: str, attempt: int, *, claim: bool) -> StepWork | None:
     # A claim changes only its own step's row, so it is one conditional UPDATE: no workflow
     # lock. A writer that holds the lock (a cancel, a failing sibling) and overwrites the
     # row afterwards wins, and the worker then finds its result refused. The UPDATE is the
     # only write and what else is read no longer changes (the spec; finished steps), so on
-    # a database server it runs without a transaction around it: one round trip.
+    # a database server it runs without a transaction around it: one round trip. Without
+    # the claim it is the same conditions as a read.
     now = utcnow()
-    with db.connection_scope(write=True, autocommit=True) as conn:
-        claimed = prepared.execute(
-            conn, rows.CLAIM, rows.claim_params(step_run_id, attempt, now)
-        ).first()
-        if claimed is None:
+    with db.connection_scope(write=claim, autocommit=True) as conn:
+        stmt = rows.CLAIM if claim else rows.OPEN
+        taken = prepared.execute(conn, stmt, rows.claim_params(step_run_id, attempt, now)).first()
+        if taken is None:
             _log_stale(conn, step_run_id, attempt)
             return None
-        workflow_id, step_id, kind, model, queued_at, error, spec_json = claimed
+        workflow_id, step_id, kind, model, queued_at, error, spec_json = taken
         spec = _cached_spec(workflow_id) or _remember_spec(workflow_id, json.loads(spec_json))
         # The steps its templates may read are finished: their rows no longer change.
         ancestors = _ancestors(spec.steps, step_id)
@@ -431,6 +457,8 @@ def _claim(step_run_id: str, attempt: int) -> StepWork | None:
         input=step_spec["input"],
         timeout_s=step_spec.get("timeout_s"),
         queued_ms=((now - queued_at).total_seconds() * 1000) if queued_at else 0.0,
+        started_at=now,
+        claimed=claim,
     )
     # Rendered after the commit: what it reads no longer changes.
     try:
@@ -453,14 +481,36 @@ def _log_stale(conn: Connection, step_run_id: str, attempt: int) -> None:
     )
 
 
+def _owns(tx: _Tx, step: StepState, attempt: int, started_at: datetime | None) -> bool:
+    """Whether this attempt's result may be stored: the step is running this attempt, or
+    (a claim left for later, see :func:`open_step`) still ready for exactly this attempt in
+    a running workflow, which the result then claims, as of ``started_at``."""
+    if step.status is StepStatus.running:
+        return step.attempts == attempt
+    if (
+        step.status in SENDABLE
+        and step.attempts == attempt - 1
+        and tx.workflow.status is WorkflowStatus.running
+    ):
+        step.set(status=StepStatus.running, attempts=attempt, started_at=started_at or utcnow())
+        return True
+    return False
+
+
 def complete_step(
-    step_run_id: str, attempt: int, output: dict[str, Any], dispatcher: Dispatcher
+    step_run_id: str,
+    attempt: int,
+    output: dict[str, Any],
+    dispatcher: Dispatcher,
+    *,
+    started_at: datetime | None = None,
 ) -> bool:
-    """Store a step's output and advance; False when this attempt no longer owns the step."""
+    """Store a step's output and advance; False when this attempt no longer owns the step.
+    ``started_at``: when the worker started it, for a step it never marked running."""
     with _locked(None, dispatcher, step_run_id=step_run_id) as tx:
         steps = tx.steps()
         step = steps[str(tx.step_id)]
-        if step.status is not StepStatus.running or step.attempts != attempt:
+        if not _owns(tx, step, attempt, started_at):
             return False
         now = utcnow()
         step.set(status=StepStatus.succeeded, output=output, error=None)
@@ -470,13 +520,19 @@ def complete_step(
 
 
 def fail_step(
-    step_run_id: str, attempt: int, error: str, *, retryable: bool, dispatcher: Dispatcher
+    step_run_id: str,
+    attempt: int,
+    error: str,
+    *,
+    retryable: bool,
+    dispatcher: Dispatcher,
+    started_at: datetime | None = None,
 ) -> StepStatus | None:
     """Record a failed attempt: retry with backoff if allowed, else fail the workflow."""
     with _locked(None, dispatcher, step_run_id=step_run_id) as tx:
         steps = tx.steps()
         step = steps[str(tx.step_id)]
-        if step.status is not StepStatus.running or step.attempts != attempt:
+        if not _owns(tx, step, attempt, started_at):
             return None
         now = utcnow()
         step.set(error=error, updated_at=now)
@@ -519,9 +575,12 @@ def cancel_workflow(workflow_id: str) -> WorkflowRun:
         return cancelled
 
 
-def note_cancelled(step_run_id: str, attempt: int, detail: str) -> None:
-    """Record on a cancelled step what the worker that was running it did."""
+def note_cancelled(step_run_id: str, attempt: int, detail: str, *, claimed: bool = True) -> None:
+    """Record on a cancelled step what the worker that was running it did (``claimed``:
+    whether that worker had marked it running, which counted its attempt)."""
+    counted = attempt if claimed else attempt - 1
     with db.session_scope(write=True) as session:
         step = session.get(StepRun, step_run_id)
-        if step is not None and step.status is StepStatus.cancelled and step.attempts == attempt:
+        if step is not None and step.status is StepStatus.cancelled and step.attempts == counted:
             step.error = detail
+            step.attempts = attempt

@@ -119,37 +119,47 @@ VIEW = (
 
 # ---- the claim ----------------------------------------------------------------------
 
-# A delivery may claim a step that is ready for exactly this attempt, or (a redelivery after
+# A delivery may run a step that is ready for exactly this attempt, or (a redelivery after
 # a worker died mid-step: acks_late) one already running this attempt; never a step of a
-# workflow that has ended. It returns the workflow's spec too, as JSON text (parsed only by
-# a process that has not seen this workflow yet): one statement for the whole claim.
-CLAIM = (
+# workflow that has ended.
+_RUNNABLE = (
+    _s.id == bindparam("step_run_id"),
+    or_(
+        # Not ``in_(SENDABLE)``: an IN list is re-rendered into the SQL at every
+        # execution (SQLAlchemy's "post-compile" step); these are plain binds.
+        and_(or_(*(_s.status == s for s in SENDABLE)), _s.attempts == bindparam("previous")),
+        and_(_s.status == StepStatus.running, _s.attempts == bindparam("attempt")),
+    ),
+    select(_w.id).where(_w.id == _s.workflow_id, _w.status == WorkflowStatus.running).exists(),
+)
+# What a worker needs of the step, with the workflow's spec as JSON text (parsed only by a
+# process that has not seen this workflow yet): one statement for the whole claim.
+_WORK = (
+    _s.workflow_id,
+    _s.step_id,
+    _s.kind,
+    _s.model,
+    _s.queued_at,
+    _s.error,
+    select(sql_cast(_w.spec, Text)).where(_w.id == _s.workflow_id).scalar_subquery(),
+)
+_RUNNING = {
+    "status": StepStatus.running,
+    "attempts": bindparam("attempt"),
+    "started_at": bindparam("now"),
+    "updated_at": bindparam("now"),
+}
+# The claim written before the model is called: the step is ``running`` from the start.
+CLAIM = update(STEP).where(*_RUNNABLE).values(_RUNNING).returning(*_WORK)
+# The claim left for later (``CORRAL_CLAIM_AFTER_S``): the same conditions, read only. A
+# step that ends sooner is stored by its result, which accepts a runnable step unclaimed.
+OPEN = select(*_WORK).where(*_RUNNABLE)
+# The late claim, once the step has run that long: ``now`` is when it started.
+MARK_RUNNING = (
     update(STEP)
-    .where(
-        _s.id == bindparam("step_run_id"),
-        or_(
-            # Not ``in_(SENDABLE)``: an IN list is re-rendered into the SQL at every
-            # execution (SQLAlchemy's "post-compile" step); these are plain binds.
-            and_(or_(*(_s.status == s for s in SENDABLE)), _s.attempts == bindparam("previous")),
-            and_(_s.status == StepStatus.running, _s.attempts == bindparam("attempt")),
-        ),
-        select(_w.id).where(_w.id == _s.workflow_id, _w.status == WorkflowStatus.running).exists(),
-    )
-    .values(
-        status=StepStatus.running,
-        attempts=bindparam("attempt"),
-        started_at=bindparam("now"),
-        updated_at=bindparam("now"),
-    )
-    .returning(
-        _s.workflow_id,
-        _s.step_id,
-        _s.kind,
-        _s.model,
-        _s.queued_at,
-        _s.error,
-        select(sql_cast(_w.spec, Text)).where(_w.id == _s.workflow_id).scalar_subquery(),
-    )
+    .where(*_RUNNABLE)
+    .values({**_RUNNING, "updated_at": bindparam("updated_at")})
+    .returning(_s.id)
 )
 
 

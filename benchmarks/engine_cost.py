@@ -1,7 +1,8 @@
 """What the workflow engine's database work costs per call, in process, per database.
 
 A one-step workflow makes four calls on the database: the API's submit (create), the
-worker's claim, its result, and the client's status read. This runs those calls for N
+worker's claim (a read of the step, or with ``CORRAL_CLAIM_AFTER_S=0`` its claim written
+before the model runs), its result, and the client's status read. This runs those calls for N
 one-step workflows in this process (no HTTP, no broker: the dispatcher records its sends)
 and prints, per call, the median wall time, the mean CPU time, and how many statements and
 transactions it made; on a database server each statement, ``BEGIN`` and ``COMMIT`` is a
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from sqlalchemy import event
 
 from app import db, engine, prepared
 from app.api.routes.workflows import _fresh_view
-from app.core.config import Settings, use_settings
+from app.core.config import Settings, get_settings, use_settings
 from app.embedded import EmbeddedRedis
 from app.engine import Dispatch
 from app.migrate import upgrade
@@ -126,6 +128,7 @@ class _OneWorkflow:
         self.validated = validated
         self.run_id = ""
         self.step: Dispatch | None = None
+        self.started_at: datetime | None = None
 
     def submit(self) -> None:
         sent = _Recorder()
@@ -135,13 +138,21 @@ class _OneWorkflow:
     def claim(self) -> None:
         assert self.step is not None
         engine._SPECS.clear()  # a pool process meets each workflow at its claim
-        if engine.claim_step(self.step.step_run_id, self.step.attempt) is None:
+        # As a worker does: read the step, or claim it first with CORRAL_CLAIM_AFTER_S=0.
+        take = engine.open_step if get_settings().claim_after_s > 0 else engine.claim_step
+        work = take(self.step.step_run_id, self.step.attempt)
+        if work is None:
             raise RuntimeError("the claim was refused")
+        self.started_at = work.started_at
 
     def result(self) -> None:
         assert self.step is not None
         done = engine.complete_step(
-            self.step.step_run_id, self.step.attempt, {"text": "ok"}, _Recorder()
+            self.step.step_run_id,
+            self.step.attempt,
+            {"text": "ok"},
+            _Recorder(),
+            started_at=self.started_at,
         )
         if not done:
             raise RuntimeError("the result was refused")

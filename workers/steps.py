@@ -15,7 +15,7 @@ from app import engine, live
 from app.core.config import get_settings
 from app.dispatch import CeleryDispatcher
 from app.engine import Dispatcher, StepWork
-from app.errors import StepCancelled, StepError
+from app.errors import ServiceUnavailable, StepCancelled, StepError, StepSuperseded
 from app.spec import INPUT_MODELS
 from workers.celery_app import celery_app
 from workers.memory import memory_chat, uses_memory
@@ -45,16 +45,31 @@ def _cancel_requested(workflow_id: str) -> bool:
         return False
 
 
+def _late_claim(work: StepWork) -> bool | None:
+    """Mark a step running that has run ``claim_after_s``: False when it is no longer this
+    attempt's, None when the database cannot be reached now (asked again at the next poll;
+    the result claims the step anyway)."""
+    try:
+        return engine.mark_running(work)
+    except ServiceUnavailable as exc:
+        log.warning("cannot mark step %s running yet: %s", work.step_id, exc)
+        return None
+
+
 def execute(work: StepWork, runtime: ModelRuntime) -> dict[str, Any]:
-    """Call the model for a claimed step, within its timeout and cancellation."""
+    """Call the model for a step, within its timeout and cancellation; a step not yet marked
+    running is marked once it has run ``claim_after_s``."""
     settings = get_settings()
     timeout_s = work.timeout_s or settings.default_step_timeout_s
     params = INPUT_MODELS[work.kind].model_validate(work.input).model_dump()
+    started = time.monotonic()
     control = RunControl(
-        deadline=time.monotonic() + timeout_s,
+        deadline=started + timeout_s,
         timeout_s=timeout_s,
         should_cancel=lambda: _cancel_requested(work.workflow_id),
         poll_s=settings.cancel_poll_s,
+        claim=None if work.claimed else lambda: _late_claim(work),
+        claim_at=started + settings.claim_after_s,
     )
     _inject_fault(work)
     if work.kind == "generate":
@@ -79,12 +94,22 @@ def run_step(
 ) -> str:
     """Run one attempt of a step end to end; returns what happened, for logs and tests."""
     dispatcher = dispatcher or CeleryDispatcher(celery_app)
-    work = engine.claim_step(step_run_id, attempt)
+    # With CORRAL_CLAIM_AFTER_S, the step is read, not claimed: a short one is written once,
+    # by its result (Celery's own task_track_started is off by default for the same cost).
+    if get_settings().claim_after_s > 0:
+        work = engine.open_step(step_run_id, attempt)
+    else:
+        work = engine.claim_step(step_run_id, attempt)
     if work is None:
         return "stale"
     if work.input_error is not None:
         engine.fail_step(
-            step_run_id, attempt, work.input_error, retryable=False, dispatcher=dispatcher
+            step_run_id,
+            attempt,
+            work.input_error,
+            retryable=False,
+            dispatcher=dispatcher,
+            started_at=work.started_at,
         )
         return "failed"
     try:
@@ -93,13 +118,21 @@ def run_step(
 
             runtime = get_runtime()
         output = execute(work, runtime)
+    except StepSuperseded as exc:
+        log.info("step %s attempt %s stopped: %s", work.step_id, attempt, exc)
+        return "stale"
     except StepCancelled as exc:
         # The cancel already recorded the step as cancelled; add what the worker did.
-        engine.note_cancelled(step_run_id, attempt, str(exc))
+        engine.note_cancelled(step_run_id, attempt, str(exc), claimed=work.claimed)
         return "cancelled"
     except StepError as exc:
         status = engine.fail_step(
-            step_run_id, attempt, str(exc), retryable=exc.retryable, dispatcher=dispatcher
+            step_run_id,
+            attempt,
+            str(exc),
+            retryable=exc.retryable,
+            dispatcher=dispatcher,
+            started_at=work.started_at,
         )
         log.info("step %s attempt %s failed (%s): %s", work.step_id, attempt, status, exc)
         return str(status)
@@ -111,7 +144,10 @@ def run_step(
             f"{type(exc).__name__}: {exc}",
             retryable=True,
             dispatcher=dispatcher,
+            started_at=work.started_at,
         )
         return str(status)
-    stored = engine.complete_step(step_run_id, attempt, output, dispatcher)
+    stored = engine.complete_step(
+        step_run_id, attempt, output, dispatcher, started_at=work.started_at
+    )
     return "succeeded" if stored else "discarded"

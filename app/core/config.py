@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     # Workers.
     worker_heartbeat_s: float = Field(default=10.0, gt=0)
     cancel_poll_s: float = Field(default=0.1, gt=0)
+    claim_after_s: float = Field(
+        default=0.25,
+        ge=0,
+        description="a step is marked running once it has run this long (a shorter one goes "
+        "from queued to its result in one write); 0 marks it before the model is called",
+    )
     reconcile_s: float = Field(default=15.0, gt=0, description="beat: how often to reconcile")
     reconcile_after_s: float = Field(
         default=30.0, gt=0, description="a ready step not on the broker after this is resent"

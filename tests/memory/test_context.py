@@ -18,6 +18,7 @@ from app.memory.schemas import SearchHit
 from app.memory.service import Memory, get_memory
 from app.memory.store import NewMessage
 from app.spec import ChatInput
+from app.tables import utcnow
 from models.tiny import _WORDS
 from workers.memory import memory_chat
 from workers.runtime import LlamaCppRuntime, RunControl
@@ -158,6 +159,7 @@ def work_for(inp: dict, step_id: str = "reply") -> StepWork:
         inp,
         None,
         0.0,
+        utcnow(),
     )
 
 
