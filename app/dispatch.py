@@ -280,7 +280,7 @@ class CeleryDispatcher:
     def _without_pool(sent: Sequence[Dispatch]) -> list[str]:
         """Sent steps whose model has no live worker right now."""
         try:
-            live_models = {w.get("model") for w in live.live_workers(max_age_s=1.0)}
+            live_models = {w.get("model") for w in live.live_workers(max_age_s=live.VIEW_MAX_AGE_S)}
         except (RedisError, OSError):
             return []
         return [d.step_run_id for d in sent if d.model not in live_models]

@@ -21,7 +21,8 @@ CANCEL_TTL_S = 7 * 24 * 3600
 
 _clients: dict[tuple[str, int], redis.Redis] = {}
 _lock = threading.Lock()
-_live_cache: dict[int, tuple[float, list[dict[str, Any]]]] = {}  # pid: (read at, workers)
+# (Redis URL, pid): (read at, workers), the live-pool view last read from that Redis
+_live_cache: dict[tuple[str, int], tuple[float, list[dict[str, Any]]]] = {}
 
 
 def get_redis() -> redis.Redis:
@@ -63,6 +64,11 @@ def unregister_worker(hostname: str) -> None:
     get_redis().delete(WORKER_KEY.format(hostname=hostname))
 
 
+# How old a live-pool view the hot paths accept (each submit and each send asks):
+# heartbeats are seconds apart, so a second-old view is as good as a fresh one.
+VIEW_MAX_AGE_S = 1.0
+
+
 def live_workers(max_age_s: float = 0.0) -> list[dict[str, Any]]:
     """Every worker whose heartbeat has not expired.
 
@@ -71,14 +77,15 @@ def live_workers(max_age_s: float = 0.0) -> list[dict[str, Any]]:
     is as good, and it saves a SCAN of the keyspace and an MGET per call).
     """
     now = time.monotonic()
-    cached = _live_cache.get(os.getpid())
+    view = (get_settings().broker_url, os.getpid())
+    cached = _live_cache.get(view)
     if max_age_s > 0 and cached is not None and now - cached[0] < max_age_s:
         return cached[1]
     inline.would_wait("a fresh live-pool view from Redis")
     client = get_redis()
     keys = sorted(client.scan_iter(match=WORKER_KEY.format(hostname="*"), count=500))
     workers = [json.loads(v) for v in client.mget(keys) if v is not None] if keys else []
-    _live_cache[os.getpid()] = (now, workers)
+    _live_cache[view] = (now, workers)
     return workers
 
 

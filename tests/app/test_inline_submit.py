@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
 import threading
@@ -24,7 +25,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from app import db, keys, rows, tokens
+from app import db, keys, live, rows, tokens
 from app.api.main import create_app
 from app.api.routes.workflows import SUBMIT_PATHS
 from app.core.config import Settings, use_settings
@@ -41,9 +42,14 @@ SPEC: dict[str, Any] = {
 
 
 @pytest.fixture
-def isolated(settings: Settings, redis_base_url: str) -> Iterator[Settings]:
+def isolated(
+    settings: Settings, redis_base_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
     """The session's database with a Redis database of its own: no worker consumes the
-    messages these tests send, and no live pool is registered there."""
+    messages these tests send, and no live pool is registered there. The live-pool view a
+    first submit reads stays fresh for the whole test: a pause of this shared host longer
+    than the product's one second would otherwise send a later submit to the thread pool."""
+    monkeypatch.setattr(live, "VIEW_MAX_AGE_S", 3600.0)
     url = with_database(redis_base_url, "12")
     client = redis.Redis.from_url(url)
     client.flushdb()
@@ -196,7 +202,7 @@ def test_a_vocabulary_not_yet_loaded_is_loaded_in_the_thread_pool(
 ) -> None:
     if backend != "sqlite":
         pytest.skip("only SQLite submits on the loop")
-    tokens._vocabs.clear()
+    tokens.close_vocabularies()
 
     async def scenario() -> list[dict[str, int]]:
         seen = []
@@ -209,6 +215,33 @@ def test_a_vocabulary_not_yet_loaded_is_loaded_in_the_thread_pool(
 
     first, second = asyncio.run(scenario())
     assert first == {"event_loop": 0, "thread_pool": 1}  # loading a GGUF blocks: not on the loop
+    assert second == {"event_loop": 1, "thread_pool": 0}
+
+
+def test_a_live_pool_view_due_for_a_refresh_is_read_in_the_thread_pool(
+    isolated: Settings, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the live-pool view from Redis waits on the network: a view older than
+    VIEW_MAX_AGE_S sends the whole submit to the thread pool, which reads it; the next
+    submit finds it fresh and stays on the loop."""
+    if backend != "sqlite":
+        pytest.skip("only SQLite submits on the loop")
+
+    async def scenario() -> list[dict[str, int]]:
+        seen = []
+        async with api(RecordingDispatcher()) as client:
+            await client.post("/v1/workflows", json=SPEC)  # loads the vocabulary, the pool view
+            view = (isolated.broker_url, os.getpid())
+            read_at, workers = live._live_cache[view]  # age the view past its limit
+            live._live_cache[view] = (read_at - 2 * live.VIEW_MAX_AGE_S, workers)
+            for _ in range(2):
+                before = dict(SUBMIT_PATHS)
+                assert (await client.post("/v1/workflows", json=SPEC)).status_code == 202
+                seen.append(paths_after(before))
+        return seen
+
+    first, second = asyncio.run(scenario())
+    assert first == {"event_loop": 0, "thread_pool": 1}
     assert second == {"event_loop": 1, "thread_pool": 0}
 
 

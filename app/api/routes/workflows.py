@@ -193,7 +193,7 @@ async def _accept(
 
 
 def _validate(raw: Any, platform: Submission) -> ValidatedWorkflow:
-    contexts = live.pool_contexts(max_age_s=1.0)
+    contexts = live.pool_contexts(max_age_s=live.VIEW_MAX_AGE_S)
     return validate_workflow(raw, platform.catalog, platform.settings, count_tokens, contexts)
 
 
