@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from pathlib import Path
@@ -28,6 +29,18 @@ def _vocab(path: Path) -> Any:
 
             _vocabs[path] = Llama(model_path=str(path), vocab_only=True, verbose=False)
         return _vocabs[path]
+
+
+@atexit.register
+def close_vocabularies() -> None:
+    """Free the loaded vocabularies. At exit it runs before the interpreter tears down its
+    modules: llama.cpp's own finalizer cannot free a model after that (it finds its
+    library's functions gone and prints an ignored exception instead)."""
+    with _lock:
+        loaded = list(_vocabs.values())
+        _vocabs.clear()
+    for vocab in loaded:
+        vocab.close()
 
 
 def count_tokens(entry: CatalogEntry, text: str) -> int | None:
