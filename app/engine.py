@@ -1,4 +1,5 @@
-"""The workflow engine: create runs, claim and finish steps, advance, cancel.
+"""The workflow engine: create runs, finish steps, advance, cancel (a worker takes its
+step in :mod:`app.claims`).
 
 Every state change runs in :func:`_locked`, one transaction that first locks the workflow
 row, so writers of one workflow take turns; ready steps are marked ``queued`` inside it and
@@ -9,12 +10,9 @@ advances the workflow once.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,16 +22,16 @@ from jinja2 import TemplateError
 from sqlalchemy import Connection
 from sqlmodel import Session, select
 
-from app import db, notify, prepared, rows
+from app import db, notify, prepared, rows, specs
 from app.errors import ConflictError, NotFoundError
 from app.rows import SENDABLE, StepState, WorkflowState
 from app.spec import ValidatedWorkflow
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus, new_id, utcnow
-from app.templating import evaluate, render_value
+from app.templating import evaluate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SENDABLE", "Dispatch", "Dispatcher", "StepWork"]
+__all__ = ["SENDABLE", "Dispatch", "Dispatcher"]
 
 
 @dataclass(frozen=True)
@@ -59,24 +57,6 @@ class AsyncDispatcher(Protocol):
     def send(self, dispatches: Sequence[Dispatch]) -> None: ...
 
     async def send_async(self, dispatches: Sequence[Dispatch]) -> None: ...
-
-
-@dataclass
-class StepWork:
-    """What a worker needs to run one claimed attempt of a step."""
-
-    step_run_id: str
-    workflow_id: str
-    step_id: str
-    kind: str
-    model: str
-    attempt: int
-    input: dict[str, Any]
-    timeout_s: float | None
-    queued_ms: float
-    started_at: datetime
-    claimed: bool = True  # False until mark_running (or never: the result claims it)
-    input_error: str | None = None
 
 
 @dataclass
@@ -182,7 +162,7 @@ def create_workflow(
         "updated_at": now,
         "finished_at": None,
     }
-    _remember_spec(run["id"], run["spec"])
+    specs.remember(run["id"], run["spec"])
     states = {
         s.id: StepState(new_id(), s.id, s.model, StepStatus.pending, 0, s.retry.max_attempts)
         for s in spec.steps
@@ -234,65 +214,13 @@ def find_idempotent(session: Session, api_key_id: int | None, key: str) -> Workf
     ).first()
 
 
-@dataclass(frozen=True)
-class _Spec:
-    """A workflow's parsed spec: its name and its step specs by id."""
-
-    name: str
-    steps: dict[str, dict[str, Any]]
-
-
-_SPECS: OrderedDict[str, _Spec] = OrderedDict()  # workflow id: parsed spec (an LRU)
-_SPECS_MAX = 256
-_specs_lock = threading.Lock()
-
-
-def _cached_spec(workflow_id: str) -> _Spec | None:
-    with _specs_lock:
-        spec = _SPECS.get(workflow_id)
-        if spec is not None:
-            _SPECS.move_to_end(workflow_id)
-        return spec
-
-
-def _remember_spec(workflow_id: str, raw: dict[str, Any]) -> _Spec:
-    spec = _Spec(str(raw.get("name", "")), {step["id"]: step for step in raw["steps"]})
-    with _specs_lock:
-        _SPECS[workflow_id] = spec
-        while len(_SPECS) > _SPECS_MAX:
-            _SPECS.popitem(last=False)
-    return spec
-
-
-def _spec_of(conn: Connection, workflow_id: str) -> _Spec:
-    """A workflow's parsed spec. It never changes after submit, so each process parses it
-    once (an LRU of recent workflows) instead of reading it in every transaction."""
-    spec = _cached_spec(workflow_id)
-    if spec is None:
-        raw = conn.execute(rows.SPEC, {"workflow_id": workflow_id}).scalar_one()
-        spec = _remember_spec(workflow_id, dict(raw))
-    return spec
-
-
-def _ancestors(specs: Mapping[str, Mapping[str, Any]], step_id: str) -> set[str]:
-    """Every step ``step_id`` depends on, transitively (what its templates may read)."""
-    seen: set[str] = set()
-    todo = [step_id]
-    while todo:
-        for dep in specs.get(todo.pop(), {}).get("depends_on") or ():
-            if dep not in seen:
-                seen.add(dep)
-                todo.append(dep)
-    return seen
-
-
 def _context(tx: _Tx, steps: dict[str, StepState], step_id: str) -> dict[str, Any]:
     """What a condition of ``step_id`` may read: the workflow and the steps above it.
 
     Columns this transaction changed come from memory; the rest (earlier outputs) are
     read, for those steps only.
     """
-    ancestors = _ancestors(_spec_of(tx.conn, tx.workflow.id).steps, step_id)
+    ancestors = specs.ancestors(specs.spec_of(tx.conn, tx.workflow.id).steps, step_id)
     found: dict[str, dict[str, Any]] = {}
     if ancestors and tx.persisted:
         params = {"workflow_id": tx.workflow.id, "step_ids": sorted(ancestors)}
@@ -314,14 +242,14 @@ def _context(tx: _Tx, steps: dict[str, StepState], step_id: str) -> dict[str, An
 def _settle(tx: _Tx, steps: dict[str, StepState]) -> None:
     """Decide every pending step whose dependencies are done; then the workflow's status."""
     now = utcnow()
-    specs = _spec_of(tx.conn, tx.workflow.id).steps
+    step_specs = specs.spec_of(tx.conn, tx.workflow.id).steps
     changed = tx.workflow.status is WorkflowStatus.running
     while changed:
         changed = False
         for step in steps.values():
             if step.status is not StepStatus.pending:
                 continue
-            spec = specs[step.step_id]
+            spec = step_specs[step.step_id]
             deps = [steps[d] for d in spec.get("depends_on") or ()]
             if not all(d.status.terminal for d in deps):
                 continue
@@ -379,112 +307,11 @@ def _error_of(tx: _Tx, step: StepState) -> str | None:
     return found.error if found is not None else None
 
 
-def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
-    """Mark one attempt of a step running; None when this delivery is stale or a duplicate."""
-    try:
-        return _take(step_run_id, attempt, claim=True)
-    except _StepGone:
-        return None
-
-
-def open_step(step_run_id: str, attempt: int) -> StepWork | None:
-    """What :func:`claim_step` returns, without writing the claim: the step stays as it is
-    (``queued``) until :func:`mark_running` or its result. None when this delivery is stale
-    or a duplicate. Nothing is written, so on SQLite this never waits for the write lock
-    and on a database server it commits nothing."""
-    try:
-        return _take(step_run_id, attempt, claim=False)
-    except _StepGone:
-        return None
-
-
-def mark_running(work: StepWork) -> bool:
-    """The claim :func:`open_step` left out, written once the step has run a while: the
-    step is ``running`` since ``work.started_at``. False when the step is no longer this
-    attempt's to run (cancelled, its workflow ended, or finished by another delivery)."""
-    params = rows.claim_params(work.step_run_id, work.attempt, work.started_at)
-    params["updated_at"] = utcnow()
-    with db.connection_scope(write=True, autocommit=True) as conn:
-        marked = prepared.execute(conn, rows.MARK_RUNNING, params).first() is not None
-    work.claimed = marked
-    return marked
-
-
-def _take(step_run_id: str, attempt: int, *, claim: bool) -> StepWork | None:
-    # A claim changes only its own step's row, so it is one conditional UPDATE: no workflow
-    # lock. A writer that holds the lock (a cancel, a failing sibling) and overwrites the
-    # row afterwards wins, and the worker then finds its result refused. The UPDATE is the
-    # only write and what else is read no longer changes (the spec; finished steps), so on
-    # a database server it runs without a transaction around it: one round trip. Without
-    # the claim it is the same conditions as a read.
-    now = utcnow()
-    with db.connection_scope(write=claim, autocommit=True) as conn:
-        stmt = rows.CLAIM if claim else rows.OPEN
-        taken = prepared.execute(conn, stmt, rows.claim_params(step_run_id, attempt, now)).first()
-        if taken is None:
-            _log_stale(conn, step_run_id, attempt)
-            return None
-        workflow_id, step_id, kind, model, queued_at, error, spec_json = taken
-        spec = _cached_spec(workflow_id) or _remember_spec(workflow_id, json.loads(spec_json))
-        # The steps its templates may read are finished: their rows no longer change.
-        ancestors = _ancestors(spec.steps, step_id)
-        found = (
-            conn.execute(
-                rows.CONTEXT, {"workflow_id": workflow_id, "step_ids": sorted(ancestors)}
-            ).all()
-            if ancestors
-            else []
-        )
-    step_spec = spec.steps[step_id]
-    context_steps = {
-        sid: {"status": st.value, "output": out, "attempts": n, "error": err}
-        for sid, st, out, n, err in found
-    }
-    context_steps[step_id] = {
-        "status": StepStatus.running.value,
-        "output": None,
-        "attempts": attempt,
-        "error": error,
-    }
-    context = {"workflow": {"id": workflow_id, "name": spec.name}, "steps": context_steps}
-    work = StepWork(
-        step_run_id=step_run_id,
-        workflow_id=workflow_id,
-        step_id=step_id,
-        kind=kind,
-        model=model,
-        attempt=attempt,
-        input=step_spec["input"],
-        timeout_s=step_spec.get("timeout_s"),
-        queued_ms=((now - queued_at).total_seconds() * 1000) if queued_at else 0.0,
-        started_at=now,
-        claimed=claim,
-    )
-    # Rendered after the commit: what it reads no longer changes.
-    try:
-        work.input = render_value(step_spec["input"], context)
-    except (TemplateError, TypeError, ValueError) as exc:
-        work.input_error = f"input template failed to render: {exc}"
-    return work
-
-
-def _log_stale(conn: Connection, step_run_id: str, attempt: int) -> None:
-    found = prepared.execute(conn, rows.STALE, {"step_run_id": step_run_id}).first()
-    if found is None:
-        raise _StepGone(f"no step run {step_run_id!r}")
-    log.info(
-        "dropping stale delivery of step %s attempt %s (%s, attempt %s)",
-        step_run_id,
-        attempt,
-        found[0],
-        found[1],
-    )
-
-
 def _owns(tx: _Tx, step: StepState, attempt: int, started_at: datetime | None) -> bool:
     """Whether this attempt's result may be stored: the step is running this attempt, or
-    (a claim left for later, see :func:`open_step`) still ready for exactly this attempt in
-    a running workflow, which the result then claims, as of ``started_at``."""
+    (a claim left for later, see :func:`app.claims.open_step`) still ready for exactly
+    this attempt in a running workflow, which the result then claims, as of
+    ``started_at``."""
     if step.status is StepStatus.running:
         return step.attempts == attempt
     if (
@@ -537,7 +364,7 @@ def fail_step(
         now = utcnow()
         step.set(error=error, updated_at=now)
         if retryable and attempt < step.max_attempts and not tx.workflow.status.terminal:
-            retry = _spec_of(tx.conn, tx.workflow.id).steps[step.step_id].get("retry") or {}
+            retry = specs.spec_of(tx.conn, tx.workflow.id).steps[step.step_id].get("retry") or {}
             delay = backoff_delay(
                 attempt, float(retry.get("backoff_s", 1.0)), float(retry.get("max_backoff_s", 60.0))
             )

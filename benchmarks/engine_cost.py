@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import event
 
-from app import db, engine, prepared
+from app import claims, db, engine, prepared, specs
 from app.api.routes.workflows import _fresh_view
 from app.core.config import Settings, get_settings, use_settings
 from app.embedded import EmbeddedRedis
@@ -137,9 +137,9 @@ class _OneWorkflow:
 
     def claim(self) -> None:
         assert self.step is not None
-        engine._SPECS.clear()  # a pool process meets each workflow at its claim
+        specs.forget_all()  # a pool process meets each workflow at its claim
         # As a worker does: read the step, or claim it first with CORRAL_CLAIM_AFTER_S=0.
-        take = engine.open_step if get_settings().claim_after_s > 0 else engine.claim_step
+        take = claims.open_step if get_settings().claim_after_s > 0 else claims.claim_step
         work = take(self.step.step_run_id, self.step.attempt)
         if work is None:
             raise RuntimeError("the claim was refused")

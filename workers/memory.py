@@ -21,7 +21,7 @@ import time
 from typing import Any, cast
 
 from app import db
-from app.engine import StepWork
+from app.claims import StepWork
 from app.errors import CorralError, NotFoundError, SpecError, StepInputError
 from app.memory import embedding, summary, tools
 from app.memory.context import Assembly, ContextRequest, PromptMessage, as_prompt, assemble

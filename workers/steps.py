@@ -11,10 +11,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from app import engine, live
+from app import claims, engine, live
+from app.claims import StepWork
 from app.core.config import get_settings
 from app.dispatch import CeleryDispatcher
-from app.engine import Dispatcher, StepWork
+from app.engine import Dispatcher
 from app.errors import ServiceUnavailable, StepCancelled, StepError, StepSuperseded
 from app.spec import INPUT_MODELS
 from workers.celery_app import celery_app
@@ -50,7 +51,7 @@ def _late_claim(work: StepWork) -> bool | None:
     attempt's, None when the database cannot be reached now (asked again at the next poll;
     the result claims the step anyway)."""
     try:
-        return engine.mark_running(work)
+        return claims.mark_running(work)
     except ServiceUnavailable as exc:
         log.warning("cannot mark step %s running yet: %s", work.step_id, exc)
         return None
@@ -97,9 +98,9 @@ def run_step(
     # With CORRAL_CLAIM_AFTER_S, the step is read, not claimed: a short one is written once,
     # by its result (Celery's own task_track_started is off by default for the same cost).
     if get_settings().claim_after_s > 0:
-        work = engine.open_step(step_run_id, attempt)
+        work = claims.open_step(step_run_id, attempt)
     else:
-        work = engine.claim_step(step_run_id, attempt)
+        work = claims.claim_step(step_run_id, attempt)
     if work is None:
         return "stale"
     if work.input_error is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from sqlmodel import select
 
-from app import db, dispatch, engine
+from app import claims, db, dispatch, engine
 from app.core.config import Settings, use_settings
 from app.dispatch import (
     SENT_PREFIX,
@@ -63,7 +63,7 @@ def test_a_mark_for_an_attempt_that_is_no_longer_current_changes_nothing(
 ) -> None:
     sid = one_step(settings)
     # Attempt 1 was claimed and failed; its retry (attempt 2) was never sent.
-    assert engine.claim_step(sid, 1) is not None
+    assert claims.claim_step(sid, 1) is not None
     engine.fail_step(sid, 1, "boom", retryable=True, dispatcher=RecordingDispatcher())
     assert step(sid).status is StepStatus.retrying
     dispatch.mark_dispatched([sid], {sid: 1})  # the late mark of attempt 1
@@ -136,7 +136,7 @@ def test_a_marker_of_an_earlier_attempt_does_not_confirm_a_retry(settings: Setti
     client = redis_client(settings)
     try:
         record_sent(client, {sid: 1})
-        assert engine.claim_step(sid, 1) is not None
+        assert claims.claim_step(sid, 1) is not None
         engine.fail_step(sid, 1, "boom", retryable=True, dispatcher=RecordingDispatcher())
         resent = RecordingDispatcher()
         reconcile(resent, older_than_s=0)

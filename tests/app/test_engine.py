@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from app import db, dispatch, engine
+from app import claims, db, dispatch, engine, specs
 from app.core.config import Settings
 from app.engine import Dispatch
 from app.errors import ConflictError
@@ -49,7 +49,7 @@ def workflow(workflow_id: str) -> WorkflowRun:
 
 
 def run_ok(d: Dispatch, dispatcher: RecordingDispatcher, text: str = "ok") -> None:
-    work = engine.claim_step(d.step_run_id, d.attempt)
+    work = claims.claim_step(d.step_run_id, d.attempt)
     assert work is not None
     assert engine.complete_step(d.step_run_id, d.attempt, {"text": text}, dispatcher)
 
@@ -74,7 +74,7 @@ def test_join_is_enqueued_exactly_once_when_parents_finish_together(
     first = RecordingDispatcher()
     wid = create(settings, first, [gen("a"), gen("b"), gen("c", depends_on=["a", "b"])])
     for d in first.sent:
-        assert engine.claim_step(d.step_run_id, d.attempt) is not None
+        assert claims.claim_step(d.step_run_id, d.attempt) is not None
     barrier = threading.Barrier(2)
     finishers = [RecordingDispatcher(), RecordingDispatcher()]
     errors: list[BaseException] = []
@@ -104,9 +104,9 @@ def test_duplicate_delivery_records_one_result(
 ) -> None:
     wid = create(settings, dispatcher, [gen("a"), gen("b", depends_on=["a"])])
     d = dispatcher.sent[0]
-    assert engine.claim_step(d.step_run_id, 1) is not None
+    assert claims.claim_step(d.step_run_id, 1) is not None
     # A redelivery of the same attempt (the worker died) may claim it again...
-    assert engine.claim_step(d.step_run_id, 1) is not None
+    assert claims.claim_step(d.step_run_id, 1) is not None
     after = RecordingDispatcher()
     assert engine.complete_step(d.step_run_id, 1, {"text": "first"}, after)
     # ...but only the first result is stored, and b is readied once.
@@ -114,8 +114,8 @@ def test_duplicate_delivery_records_one_result(
     assert steps_of(wid)["a"].output == {"text": "first"}
     assert len(after.sent) == 1
     # A stale or future attempt is dropped.
-    assert engine.claim_step(d.step_run_id, 1) is None
-    assert engine.claim_step(after.sent[0].step_run_id, 2) is None
+    assert claims.claim_step(d.step_run_id, 1) is None
+    assert claims.claim_step(after.sent[0].step_run_id, 2) is None
 
 
 def test_retry_then_fail_for_good(settings: Settings, dispatcher: RecordingDispatcher) -> None:
@@ -129,13 +129,13 @@ def test_retry_then_fail_for_good(settings: Settings, dispatcher: RecordingDispa
         ],
     )
     a = next(d for d in dispatcher.sent if d.step_run_id == steps_of(wid)["a"].id)
-    assert engine.claim_step(a.step_run_id, 1) is not None
+    assert claims.claim_step(a.step_run_id, 1) is not None
     retry = RecordingDispatcher()
     status = engine.fail_step(a.step_run_id, 1, "boom", retryable=True, dispatcher=retry)
     assert status is StepStatus.retrying
     (again,) = retry.sent
     assert again.attempt == 2 and 1.0 <= again.countdown <= 2.0
-    assert engine.claim_step(a.step_run_id, 2) is not None
+    assert claims.claim_step(a.step_run_id, 2) is not None
     final = RecordingDispatcher()
     status = engine.fail_step(a.step_run_id, 2, "boom again", retryable=True, dispatcher=final)
     assert status is StepStatus.failed
@@ -150,7 +150,7 @@ def test_retry_then_fail_for_good(settings: Settings, dispatcher: RecordingDispa
 def test_not_retryable_fails_at_once(settings: Settings, dispatcher: RecordingDispatcher) -> None:
     wid = create(settings, dispatcher, [gen("a", retry={"max_attempts": 5})])
     d = dispatcher.sent[0]
-    engine.claim_step(d.step_run_id, 1)
+    claims.claim_step(d.step_run_id, 1)
     rec = RecordingDispatcher()
     assert engine.fail_step(d.step_run_id, 1, "bad input", retryable=False, dispatcher=rec) is (
         StepStatus.failed
@@ -227,7 +227,7 @@ def test_templates_render_from_parent_outputs(
     )
     after = RecordingDispatcher()
     run_ok(dispatcher.sent[0], after, text="hello")
-    work = engine.claim_step(after.sent[0].step_run_id, 1)
+    work = claims.claim_step(after.sent[0].step_run_id, 1)
     assert work is not None and work.input["prompt"] == "Echo: hello!"
 
 
@@ -244,21 +244,21 @@ def test_a_worker_that_never_saw_the_workflow_gets_its_spec_with_the_claim(
             gen("b", depends_on=["a"], input={"prompt": "Echo: {{ steps.a.output.text }}!"}),
         ],
     )
-    monkeypatch.setattr(engine, "_SPECS", type(engine._SPECS)())  # a fresh process's cache
-    work = engine.claim_step(dispatcher.sent[0].step_run_id, 1)
+    monkeypatch.setattr(specs, "_SPECS", type(specs._SPECS)())  # a fresh process's cache
+    work = claims.claim_step(dispatcher.sent[0].step_run_id, 1)
     assert work is not None and work.step_id == "a" and work.workflow_id == wid
     assert work.input == {"prompt": "hi", "max_tokens": 4} and work.timeout_s == 7.5
     after = RecordingDispatcher()
     assert engine.complete_step(work.step_run_id, 1, {"text": "hello"}, after)
-    monkeypatch.setattr(engine, "_SPECS", type(engine._SPECS)())
-    work = engine.claim_step(after.sent[0].step_run_id, 1)
+    monkeypatch.setattr(specs, "_SPECS", type(specs._SPECS)())
+    work = claims.claim_step(after.sent[0].step_run_id, 1)
     assert work is not None and work.input["prompt"] == "Echo: hello!"
 
 
 def test_cancel(settings: Settings, dispatcher: RecordingDispatcher) -> None:
     wid = create(settings, dispatcher, [gen("a"), gen("b", depends_on=["a"])])
     d = dispatcher.sent[0]
-    engine.claim_step(d.step_run_id, 1)
+    claims.claim_step(d.step_run_id, 1)
     run = engine.cancel_workflow(wid)
     assert run.status is WorkflowStatus.cancelled
     assert {s.status for s in steps_of(wid).values()} == {StepStatus.cancelled}

@@ -13,7 +13,7 @@ import threading
 import time
 from datetime import timedelta
 
-from app import engine
+from app import claims, engine
 from app.core.config import Settings
 from app.rows import SENDABLE
 from app.tables import StepStatus, WorkflowStatus, utcnow
@@ -26,7 +26,7 @@ def test_a_result_stores_a_step_never_marked_running(
 ) -> None:
     wid = create(settings, dispatcher, [gen("a"), gen("b", depends_on=["a"])])
     (d,) = dispatcher.sent
-    work = engine.open_step(d.step_run_id, d.attempt)
+    work = claims.open_step(d.step_run_id, d.attempt)
     assert work is not None and not work.claimed
     # The read wrote nothing: the step is as the submit left it.
     a = steps_of(wid)["a"]
@@ -46,10 +46,10 @@ def test_mark_running_claims_as_of_the_start(
 ) -> None:
     wid = create(settings, dispatcher, [gen("a")])
     (d,) = dispatcher.sent
-    work = engine.open_step(d.step_run_id, d.attempt)
+    work = claims.open_step(d.step_run_id, d.attempt)
     assert work is not None
     time.sleep(0.02)  # the step has run a while when its claim is written
-    assert engine.mark_running(work) and work.claimed
+    assert claims.mark_running(work) and work.claimed
     a = steps_of(wid)["a"]
     assert (a.status, a.attempts) == (StepStatus.running, 1)
     assert a.started_at is not None
@@ -65,7 +65,7 @@ def test_unmarked_duplicates_record_one_result_and_advance_once(
 ) -> None:
     wid = create(settings, dispatcher, [gen("a"), gen("b", depends_on=["a"])])
     (d,) = dispatcher.sent
-    first, second = (engine.open_step(d.step_run_id, 1) for _ in range(2))
+    first, second = (claims.open_step(d.step_run_id, 1) for _ in range(2))
     assert first is not None and second is not None
     barrier = threading.Barrier(2)
     stored: list[bool] = []
@@ -86,8 +86,8 @@ def test_unmarked_duplicates_record_one_result_and_advance_once(
     assert len(sent[0].sent) + len(sent[1].sent) == 1
     assert steps_of(wid)["a"].attempts == 1
     # The stored result ends every other delivery of the attempt.
-    assert engine.open_step(d.step_run_id, 1) is None
-    assert not engine.mark_running(second)
+    assert claims.open_step(d.step_run_id, 1) is None
+    assert not claims.mark_running(second)
 
 
 def test_an_unmarked_failure_counts_its_attempt_and_retries(
@@ -95,7 +95,7 @@ def test_an_unmarked_failure_counts_its_attempt_and_retries(
 ) -> None:
     wid = create(settings, dispatcher, [gen("a", retry={"max_attempts": 2, "backoff_s": 0.1})])
     (d,) = dispatcher.sent
-    assert engine.open_step(d.step_run_id, 1) is not None
+    assert claims.open_step(d.step_run_id, 1) is not None
     retry = RecordingDispatcher()
     status = engine.fail_step(d.step_run_id, 1, "boom", retryable=True, dispatcher=retry)
     assert status is StepStatus.retrying
@@ -103,9 +103,9 @@ def test_an_unmarked_failure_counts_its_attempt_and_retries(
     assert (a.status, a.attempts, a.error) == (StepStatus.retrying, 1, "boom")
     assert [s.attempt for s in retry.sent] == [2]
     # The first attempt's deliveries are stale now; the second runs, unmarked too.
-    assert engine.open_step(d.step_run_id, 1) is None
+    assert claims.open_step(d.step_run_id, 1) is None
     assert engine.fail_step(d.step_run_id, 1, "late", retryable=True, dispatcher=retry) is None
-    assert engine.open_step(d.step_run_id, 2) is not None
+    assert claims.open_step(d.step_run_id, 2) is not None
     assert engine.complete_step(d.step_run_id, 2, {"text": "ok"}, RecordingDispatcher())
     assert steps_of(wid)["a"].attempts == 2
     assert workflow(wid).status is WorkflowStatus.succeeded
@@ -116,17 +116,17 @@ def test_a_cancel_ends_an_unmarked_step(
 ) -> None:
     wid = create(settings, dispatcher, [gen("a")])
     (d,) = dispatcher.sent
-    work = engine.open_step(d.step_run_id, 1)
+    work = claims.open_step(d.step_run_id, 1)
     assert work is not None
     engine.cancel_workflow(wid)
-    assert not engine.mark_running(work)
+    assert not claims.mark_running(work)
     assert not engine.complete_step(d.step_run_id, 1, {"text": "x"}, RecordingDispatcher())
     assert engine.fail_step(d.step_run_id, 1, "x", retryable=True, dispatcher=dispatcher) is None
     engine.note_cancelled(d.step_run_id, 1, "stopped after 3 tokens", claimed=False)
     a = steps_of(wid)["a"]
     assert (a.status, a.attempts, a.error) == (StepStatus.cancelled, 1, "stopped after 3 tokens")
     assert a.output is None
-    assert engine.open_step(d.step_run_id, 1) is None
+    assert claims.open_step(d.step_run_id, 1) is None
 
 
 def test_a_workflow_that_ended_refuses_an_unmarked_result(
@@ -134,9 +134,9 @@ def test_a_workflow_that_ended_refuses_an_unmarked_result(
 ) -> None:
     wid = create(settings, dispatcher, [gen("a"), gen("b")])
     a_id, b_id = steps_of(wid)["a"].id, steps_of(wid)["b"].id
-    assert engine.open_step(b_id, 1) is not None
+    assert claims.open_step(b_id, 1) is not None
     # a fails for good: the workflow fails; b's result must not be stored afterwards.
-    assert engine.claim_step(a_id, 1) is not None
+    assert claims.claim_step(a_id, 1) is not None
     engine.fail_step(a_id, 1, "bad", retryable=False, dispatcher=RecordingDispatcher())
     assert workflow(wid).status is WorkflowStatus.failed
     assert steps_of(wid)["b"].status not in SENDABLE
@@ -150,9 +150,9 @@ def test_a_redelivery_after_a_late_claim_runs_the_attempt_again(
     # The worker marked it running and died: the message comes back for the same attempt.
     wid = create(settings, dispatcher, [gen("a")])
     (d,) = dispatcher.sent
-    work = engine.open_step(d.step_run_id, 1)
-    assert work is not None and engine.mark_running(work)
-    again = engine.open_step(d.step_run_id, 1)
+    work = claims.open_step(d.step_run_id, 1)
+    assert work is not None and claims.mark_running(work)
+    again = claims.open_step(d.step_run_id, 1)
     assert again is not None
     assert engine.complete_step(d.step_run_id, 1, {"text": "x"}, RecordingDispatcher())
     assert steps_of(wid)["a"].attempts == 1

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Connection, Engine, event, literal, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from app import db, engine, prepared, rows
+from app import claims, db, engine, prepared, rows
 from app.core.config import Settings
 from app.spec import validate_workflow
 from models.catalog import load_catalog
@@ -87,10 +87,10 @@ def _run_workflow(settings: Settings) -> tuple[str, str]:
     validated = validate_workflow(SPEC, load_catalog(settings.catalog_path), settings)
     wid = engine.create_workflow(validated, dispatcher).id
     first = dispatcher.sent[-1]
-    assert engine.claim_step(first.step_run_id, first.attempt) is not None
+    assert claims.claim_step(first.step_run_id, first.attempt) is not None
     assert engine.complete_step(first.step_run_id, first.attempt, {"text": "yo"}, dispatcher)
     second = dispatcher.sent[-1]
-    work = engine.claim_step(second.step_run_id, second.attempt)
+    work = claims.claim_step(second.step_run_id, second.attempt)
     assert work is not None and work.input["prompt"] == "yo again"
     return wid, second.step_run_id
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from app.claims import StepWork
 from app.core.config import Settings, use_settings
-from app.engine import StepWork
 from app.errors import StepInputError
 from app.memory import summary
 from app.memory.context import ContextRequest, assemble

@@ -1,0 +1,142 @@
+"""A worker's side of a step: take one delivered attempt, and mark it running.
+
+A delivery names a step run and an attempt. It is this worker's to run only while the step
+is ready for exactly that attempt in a running workflow; a duplicate, a stale attempt or a
+cancelled step finds nothing here and is dropped. Taking a step reads what the worker
+needs (its kind, model, input rendered against the steps above it). :func:`claim_step`
+also writes the claim; :func:`open_step` leaves it for :func:`mark_running`, once the step
+has run a while, or for its result (:func:`app.engine.complete_step`), which claims a step
+still ready for its attempt under the workflow lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from jinja2 import TemplateError
+from sqlalchemy import Connection
+
+from app import db, prepared, rows, specs
+from app.tables import StepStatus, utcnow
+from app.templating import render_value
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepWork:
+    """What a worker needs to run one claimed attempt of a step."""
+
+    step_run_id: str
+    workflow_id: str
+    step_id: str
+    kind: str
+    model: str
+    attempt: int
+    input: dict[str, Any]
+    timeout_s: float | None
+    queued_ms: float
+    started_at: datetime
+    claimed: bool = True  # False until mark_running (or never: the result claims it)
+    input_error: str | None = None
+
+
+def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
+    """Mark one attempt of a step running; None when this delivery is stale or a duplicate."""
+    return _take(step_run_id, attempt, claim=True)
+
+
+def open_step(step_run_id: str, attempt: int) -> StepWork | None:
+    """What :func:`claim_step` returns, without writing the claim: the step stays as it is
+    (``queued``) until :func:`mark_running` or its result. None when this delivery is stale
+    or a duplicate. Nothing is written, so on SQLite this never waits for the write lock
+    and on a database server it commits nothing."""
+    return _take(step_run_id, attempt, claim=False)
+
+
+def mark_running(work: StepWork) -> bool:
+    """The claim :func:`open_step` left out, written once the step has run a while: the
+    step is ``running`` since ``work.started_at``. False when the step is no longer this
+    attempt's to run (cancelled, its workflow ended, or finished by another delivery)."""
+    params = rows.claim_params(work.step_run_id, work.attempt, work.started_at)
+    params["updated_at"] = utcnow()
+    with db.connection_scope(write=True, autocommit=True) as conn:
+        marked = prepared.execute(conn, rows.MARK_RUNNING, params).first() is not None
+    work.claimed = marked
+    return marked
+
+
+def _take(step_run_id: str, attempt: int, *, claim: bool) -> StepWork | None:
+    # A claim changes only its own step's row, so it is one conditional UPDATE: no workflow
+    # lock. A writer that holds the lock (a cancel, a failing sibling) and overwrites the
+    # row afterwards wins, and the worker then finds its result refused. The UPDATE is the
+    # only write and what else is read no longer changes (the spec; finished steps), so on
+    # a database server it runs without a transaction around it: one round trip. Without
+    # the claim it is the same conditions as a read.
+    now = utcnow()
+    with db.connection_scope(write=claim, autocommit=True) as conn:
+        stmt = rows.CLAIM if claim else rows.OPEN
+        taken = prepared.execute(conn, stmt, rows.claim_params(step_run_id, attempt, now)).first()
+        if taken is None:
+            _log_stale(conn, step_run_id, attempt)
+            return None
+        workflow_id, step_id, kind, model, queued_at, error, spec_json = taken
+        spec = specs.cached(workflow_id) or specs.remember(workflow_id, json.loads(spec_json))
+        # The steps its templates may read are finished: their rows no longer change.
+        above = specs.ancestors(spec.steps, step_id)
+        found = (
+            conn.execute(
+                rows.CONTEXT, {"workflow_id": workflow_id, "step_ids": sorted(above)}
+            ).all()
+            if above
+            else []
+        )
+    step_spec = spec.steps[step_id]
+    context_steps = {
+        sid: {"status": st.value, "output": out, "attempts": n, "error": err}
+        for sid, st, out, n, err in found
+    }
+    context_steps[step_id] = {
+        "status": StepStatus.running.value,
+        "output": None,
+        "attempts": attempt,
+        "error": error,
+    }
+    context = {"workflow": {"id": workflow_id, "name": spec.name}, "steps": context_steps}
+    work = StepWork(
+        step_run_id=step_run_id,
+        workflow_id=workflow_id,
+        step_id=step_id,
+        kind=kind,
+        model=model,
+        attempt=attempt,
+        input=step_spec["input"],
+        timeout_s=step_spec.get("timeout_s"),
+        queued_ms=((now - queued_at).total_seconds() * 1000) if queued_at else 0.0,
+        started_at=now,
+        claimed=claim,
+    )
+    # Rendered after the commit: what it reads no longer changes.
+    try:
+        work.input = render_value(step_spec["input"], context)
+    except (TemplateError, TypeError, ValueError) as exc:
+        work.input_error = f"input template failed to render: {exc}"
+    return work
+
+
+def _log_stale(conn: Connection, step_run_id: str, attempt: int) -> None:
+    found = prepared.execute(conn, rows.STALE, {"step_run_id": step_run_id}).first()
+    if found is None:
+        log.info("dropping delivery of step %s attempt %s: no such step run", step_run_id, attempt)
+        return
+    log.info(
+        "dropping stale delivery of step %s attempt %s (%s, attempt %s)",
+        step_run_id,
+        attempt,
+        found[0],
+        found[1],
+    )
