@@ -92,6 +92,16 @@ def paths_after(before: dict[str, int]) -> dict[str, int]:
     return {k: SUBMIT_PATHS[k] - before.get(k, 0) for k in ("event_loop", "thread_pool")}
 
 
+async def paths_of_two_submits(client: httpx.AsyncClient) -> list[dict[str, int]]:
+    """Where each of two submits in a row ran."""
+    seen = []
+    for _ in range(2):
+        before = dict(SUBMIT_PATHS)
+        assert (await client.post("/v1/workflows", json=SPEC)).status_code == 202
+        seen.append(paths_after(before))
+    return seen
+
+
 def test_a_submit_is_stored_and_sent_from_the_event_loop(isolated: Settings, backend: str) -> None:
     """The message and its sent-marker reach Redis through the loop's asyncio client; the
     step has no live pool in this Redis database, and says so."""
@@ -205,13 +215,8 @@ def test_a_vocabulary_not_yet_loaded_is_loaded_in_the_thread_pool(
     tokens.close_vocabularies()
 
     async def scenario() -> list[dict[str, int]]:
-        seen = []
         async with api(RecordingDispatcher()) as client:
-            for _ in range(2):
-                before = dict(SUBMIT_PATHS)
-                assert (await client.post("/v1/workflows", json=SPEC)).status_code == 202
-                seen.append(paths_after(before))
-        return seen
+            return await paths_of_two_submits(client)
 
     first, second = asyncio.run(scenario())
     assert first == {"event_loop": 0, "thread_pool": 1}  # loading a GGUF blocks: not on the loop
@@ -219,7 +224,7 @@ def test_a_vocabulary_not_yet_loaded_is_loaded_in_the_thread_pool(
 
 
 def test_a_live_pool_view_due_for_a_refresh_is_read_in_the_thread_pool(
-    isolated: Settings, backend: str, monkeypatch: pytest.MonkeyPatch
+    isolated: Settings, backend: str
 ) -> None:
     """Reading the live-pool view from Redis waits on the network: a view older than
     VIEW_MAX_AGE_S sends the whole submit to the thread pool, which reads it; the next
@@ -228,17 +233,12 @@ def test_a_live_pool_view_due_for_a_refresh_is_read_in_the_thread_pool(
         pytest.skip("only SQLite submits on the loop")
 
     async def scenario() -> list[dict[str, int]]:
-        seen = []
         async with api(RecordingDispatcher()) as client:
             await client.post("/v1/workflows", json=SPEC)  # loads the vocabulary, the pool view
             view = (isolated.broker_url, os.getpid())
             read_at, workers = live._live_cache[view]  # age the view past its limit
             live._live_cache[view] = (read_at - 2 * live.VIEW_MAX_AGE_S, workers)
-            for _ in range(2):
-                before = dict(SUBMIT_PATHS)
-                assert (await client.post("/v1/workflows", json=SPEC)).status_code == 202
-                seen.append(paths_after(before))
-        return seen
+            return await paths_of_two_submits(client)
 
     first, second = asyncio.run(scenario())
     assert first == {"event_loop": 0, "thread_pool": 1}
