@@ -218,23 +218,33 @@ def session_scope(*, write: bool = False) -> Iterator[Session]:
 
 
 @contextmanager
-def connection_scope(*, write: bool = False, autocommit: bool = False) -> Iterator[Connection]:
+def connection_scope(
+    *, write: bool = False, autocommit: bool = False, explicit: bool = False
+) -> Iterator[Connection]:
     """A Core connection in one transaction: committed at the end, rolled back on error.
 
     The engine's hot paths use it (no ORM session); the same writer gate and error
     translation as :func:`session_scope`. ``autocommit=True`` is for a block that needs
     no transaction around its statements (a single statement, or reads of rows that no
     longer change): on a database server each statement is then its own transaction,
-    without the round trips of ``BEGIN`` and ``COMMIT``. SQLite keeps its transaction
-    (its ``BEGIN`` and ``COMMIT`` are calls in this process).
+    without the round trips of ``BEGIN`` and ``COMMIT``. ``explicit=True`` is for a block
+    whose statements go through :func:`app.prepared.script`, which on a database server
+    sends ``BEGIN`` and ``COMMIT`` with them (a transaction in two round trips, not one per
+    statement): the connection is in autocommit, a transaction the block leaves open is
+    rolled back, and leaving one open without an error is a bug (``RuntimeError``).
+    SQLite keeps its transaction (its ``BEGIN`` and ``COMMIT`` are calls in this process).
     """
     engine, gate = _writer(write)
     with gate.hold(wait=not inline.is_active()) if gate else nullcontext():
         try:
-            if autocommit and engine.dialect.name != "sqlite":
+            if (autocommit or explicit) and engine.dialect.name != "sqlite":
                 with engine.connect() as conn:
                     conn.execution_options(isolation_level="AUTOCOMMIT")
-                    yield conn
+                    if explicit:
+                        with _ended(conn):
+                            yield conn
+                    else:
+                        yield conn
             else:
                 with engine.begin() as conn:
                     yield conn
@@ -242,6 +252,24 @@ def connection_scope(*, write: bool = False, autocommit: bool = False) -> Iterat
             raise ServiceUnavailable(f"the database is unavailable: {exc.orig}") from exc
     if gate is not None and inline.is_active():
         _checkpoint_now_and_then(engine)
+
+
+@contextmanager
+def _ended(conn: Connection) -> Iterator[None]:
+    """Roll back a transaction the block opened on the server and did not end."""
+    from psycopg.pq import TransactionStatus  # a server database here: PostgreSQL's driver
+
+    driver: Any = conn.connection.driver_connection
+    idle = TransactionStatus.IDLE
+    try:
+        yield
+    except BaseException:
+        if not conn.invalidated and driver.info.transaction_status != idle:
+            driver.rollback()
+        raise
+    if driver.info.transaction_status != idle:
+        driver.rollback()
+        raise RuntimeError("a block left its transaction open (no COMMIT in its script)")
 
 
 def _writer(write: bool) -> tuple[Engine, _WriterGate | None]:

@@ -71,14 +71,14 @@ class _Tx:
     persisted: bool = True  # False while create_workflow settles rows not yet inserted
 
     def steps(self) -> dict[str, StepState]:
-        """The workflow's steps (their status columns only), read once per transaction."""
-        if self.rows is None:
-            found = prepared.execute(self.conn, rows.STEPS, {"workflow_id": self.workflow.id})
-            self.rows = {r.step_id: StepState(*r) for r in found}
+        """The workflow's steps (their status columns only), as read with its lock."""
+        assert self.rows is not None
         return self.rows
 
-    def flush(self) -> None:
-        rows.flush(self.conn, self.workflow, (self.rows or {}).values())
+    def commit(self) -> None:
+        """Write what the block changed and commit (on PostgreSQL, one round trip)."""
+        writes = rows.writes(self.workflow, (self.rows or {}).values())
+        prepared.script(self.conn, writes, commit=True)
 
 
 class _StepGone(NotFoundError):
@@ -91,26 +91,34 @@ def _locked(
 ) -> Iterator[_Tx]:
     # One statement finds the workflow (by id, or through the step a task names) and locks
     # its row: FOR UPDATE OF workflow_run on PostgreSQL; on SQLite the write transaction's
-    # BEGIN IMMEDIATE already holds the database's write lock. What the block changed is
-    # written at its end; sends and the "finished" notice go out after the commit.
-    with db.connection_scope(write=True) as conn:
+    # BEGIN IMMEDIATE already holds the database's write lock. A second reads its steps,
+    # after the lock (on PostgreSQL each statement of a script reads a fresh snapshot: what
+    # the lock waited for is seen). Both go to a database server in one round trip, with
+    # the BEGIN; what the block changed goes in a second, with the COMMIT. Sends and the
+    # "finished" notice go out after the commit.
+    with db.connection_scope(write=True, explicit=True) as conn:
         step_id: str | None = None
         if workflow_id is None:
-            by_step = prepared.execute(
-                conn, rows.LOCK_BY_STEP, {"step_run_id": step_run_id}
-            ).first()
-            if by_step is None:
+            params = {"step_run_id": step_run_id}
+            lock, found = prepared.script(
+                conn, [(rows.LOCK_BY_STEP, params), (rows.STEPS_BY_STEP, params)], begin=True
+            )
+            if not lock:
                 raise _StepGone(f"no step run {step_run_id!r}")
-            wid, name, status, step_id = by_step
+            wid, name, status, step_id = lock[0]
         else:
-            by_id = prepared.execute(conn, rows.LOCK_BY_ID, {"workflow_id": workflow_id}).first()
-            if by_id is None:
+            params = {"workflow_id": workflow_id}
+            lock, found = prepared.script(
+                conn, [(rows.LOCK_BY_ID, params), (rows.STEPS, params)], begin=True
+            )
+            if not lock:
                 raise NotFoundError(f"no workflow {workflow_id!r}")
-            wid, name, status = by_id
+            wid, name, status = lock[0]
         tx = _Tx(conn, WorkflowState(wid, name, status), step_id=step_id)
+        tx.rows = {r.step_id: StepState(*r) for r in found}
         was_terminal = status.terminal
         yield tx
-        tx.flush()
+        tx.commit()
     if tx.dispatches and dispatcher is not None:
         dispatcher.send(tx.dispatches)
     if tx.workflow.status.terminal and not was_terminal:
@@ -167,7 +175,7 @@ def create_workflow(
         s.id: StepState(new_id(), s.id, s.model, StepStatus.pending, 0, s.retry.max_attempts)
         for s in spec.steps
     }
-    with db.connection_scope(write=True) as conn:
+    with db.connection_scope(write=True, explicit=True) as conn:
         tx = _Tx(conn, WorkflowState(run["id"], spec.name, WorkflowStatus.running))
         tx.rows, tx.persisted = states, False
         _settle(tx, states)
@@ -195,7 +203,8 @@ def create_workflow(
             }
             for position, (step, state) in enumerate(zip(spec.steps, states.values(), strict=True))
         ]
-        rows.insert_workflow(conn, run, new_steps)
+        # Without BEGIN and COMMIT, one script is one transaction: all of it or nothing.
+        prepared.script(conn, rows.inserts(run, new_steps))
     if dispatcher is None:
         return Created(run["id"], run["status"], tuple(tx.dispatches))
     if tx.dispatches:

@@ -166,6 +166,74 @@ def execute(
         cursor.close()
 
 
+Statement = tuple[Executable, Params | Sequence[Params]]
+
+
+def script(
+    conn: Connection,
+    statements: Sequence[Statement],
+    *,
+    begin: bool = False,
+    commit: bool = False,
+) -> list[Rows]:
+    """Run ``statements`` in order on ``conn``; the rows of each (empty for a write).
+
+    On PostgreSQL they go to the server in one round trip: each is bound on the client
+    (psycopg's own quoting, :meth:`psycopg.ClientCursor.mogrify`) and the lot is sent as
+    one simple query, with ``BEGIN`` before and ``COMMIT`` after when asked. A simple
+    query runs its statements in order, each with a fresh snapshot (so a read after a
+    ``FOR UPDATE`` sees what the lock waited for), and without ``BEGIN``/``COMMIT`` as
+    one implicit transaction: all or nothing. The connection must be in autocommit
+    (:func:`app.db.connection_scope` with ``explicit=True``): the script, not the driver,
+    opens and ends the transaction. A list of parameter sets runs the statement once per
+    set, an ``INSERT`` as one statement of many ``VALUES``.
+
+    Elsewhere (SQLite: calls into this process, no round trips to save) each statement
+    runs through :func:`execute`, and the connection's own transaction is the one.
+    """
+    dialect = conn.dialect
+    if dialect.name != "postgresql":
+        return [execute(conn, stmt, params) for stmt, params in statements]
+    import psycopg  # the PostgreSQL driver: imported only where it is the dialect's
+
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    cursor = psycopg.ClientCursor(driver)
+    parts: list[str] = ["BEGIN"] if begin else []
+    # For each part, the statement whose rows it returns (its index in ``out``), if any.
+    readers: list[tuple[int, Prepared] | None] = [None] * len(parts)
+    out = [Rows() for _ in statements]
+    try:
+        for index, (stmt, params) in enumerate(statements):
+            many: list[Params] = list(params) if isinstance(params, list) else [params]  # type: ignore[list-item]
+            if not many:
+                continue
+            found = prepared_for(conn, stmt, many[0])
+            if not found.supported:
+                raise ValueError(f"not a statement a script can run: {found.sql}")
+            bound = [cursor.mogrify(found.sql, found.parameters(p)) for p in many]
+            if len(bound) > 1 and getattr(stmt, "is_insert", False) and not found.returns:
+                head = found.sql[: found.sql.index(" VALUES ") + len(" VALUES ")]
+                bound = [head + ", ".join(b[len(head) :] for b in bound)]
+            parts.extend(bound)
+            readers.extend([(index, found) if found.returns else None] * len(bound))
+        if commit:
+            parts.append("COMMIT")
+            readers.append(None)
+        if parts:
+            cursor.execute("; ".join(parts))
+        for i, reader in enumerate(readers):
+            if i:
+                cursor.nextset()
+            if reader is not None:
+                out[reader[0]].extend(reader[1].rows(cursor.fetchall()))
+        return out
+    except dialect.loaded_dbapi.Error as exc:
+        raise _translated(conn, "; ".join(parts), None, exc) from exc
+    finally:
+        cursor.close()
+
+
 def _translated(conn: Connection, sql: str, params: Any, exc: Any) -> BaseException:
     """The driver's error as SQLAlchemy raises it; a lost connection is invalidated, and
     with it every connection the pool handed out before (as ``Connection.execute`` does)."""

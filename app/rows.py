@@ -4,8 +4,10 @@ The engine's hot paths (claim a step, store a result, advance) run a few stateme
 many times a second. They use SQLAlchemy Core on the transaction's connection with
 statements built once here, not the ORM: no identity map, no unit of work, no per-call
 expression building, and a settle reads each step's status columns only (no JSON). A
-:class:`StepState` records the columns a transaction set, and :func:`flush` writes them
-with one ``UPDATE`` per distinct set of columns (executemany).
+:class:`StepState` records the columns a transaction set, and :func:`writes` gives the
+statements that write them: one ``UPDATE`` per distinct set of columns, a parameter set per
+row, run by :func:`app.prepared.script` (on PostgreSQL, with the ``COMMIT``, in one round
+trip).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, Text, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Table, Text, and_, bindparam, insert, or_, select, update
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.sql import Executable
 
-from app import prepared
+from app.prepared import Statement
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
@@ -78,6 +80,15 @@ LOCK_BY_ID = (
 STEPS = (
     select(_s.id, _s.step_id, _s.model, _s.status, _s.attempts, _s.max_attempts)
     .where(_s.workflow_id == bindparam("workflow_id"))
+    .order_by(_s.position)
+)
+# The same, found through one of its steps: read after the workflow's lock in one script.
+STEPS_BY_STEP = (
+    select(_s.id, _s.step_id, _s.model, _s.status, _s.attempts, _s.max_attempts)
+    .where(
+        _s.workflow_id
+        == select(STEP.c.workflow_id).where(STEP.c.id == bindparam("step_run_id")).scalar_subquery()
+    )
     .order_by(_s.position)
 )
 SPEC = select(_w.spec).where(_w.id == bindparam("workflow_id"))
@@ -185,37 +196,32 @@ def _update_for(table: Table, columns: frozenset[str]) -> Executable:
     return stmt
 
 
-def _write(conn: Connection, table: Table, changes: Iterable[tuple[str, dict[str, Any]]]) -> None:
+def _updates_of(table: Table, changes: list[tuple[str, dict[str, Any]]]) -> list[Statement]:
     groups: dict[frozenset[str], list[dict[str, Any]]] = {}
     for row_id, changed in changes:
         params = {f"_{k}": v for k, v in changed.items()}
         params["_id"] = row_id
         groups.setdefault(frozenset(changed), []).append(params)
-    for columns, params_list in groups.items():
-        prepared.execute(conn, _update_for(table, columns), params_list)
+    return [(_update_for(table, columns), many) for columns, many in groups.items()]
 
 
-def flush(
-    conn: Connection, workflow: WorkflowState | None, steps: Iterable[StepState] = ()
-) -> None:
-    """Write every change recorded on ``workflow`` and ``steps``, then forget them."""
-    changed = [s for s in steps if s.changed]
-    if changed:
-        _write(conn, STEP, ((s.id, s.changed) for s in changed))
-        for s in changed:
-            s.changed = {}
+def writes(workflow: WorkflowState | None, steps: Iterable[StepState] = ()) -> list[Statement]:
+    """The statements that write every change recorded on ``workflow`` and ``steps``
+    (one ``UPDATE`` per distinct set of columns, a parameter set per row), which are
+    then forgotten."""
+    steps = list(steps)
+    out = _updates_of(STEP, [(s.id, s.changed) for s in steps if s.changed])
+    for s in steps:
+        s.changed = {}
     if workflow is not None and workflow.changed:
-        _write(conn, WORKFLOW, [(workflow.id, workflow.changed)])
+        out += _updates_of(WORKFLOW, [(workflow.id, workflow.changed)])
         workflow.changed = {}
+    return out
 
 
-def insert_workflow(
-    conn: Connection, workflow: Mapping[str, Any], steps: list[dict[str, Any]]
-) -> None:
-    """Insert a new run and its steps (one statement each)."""
-    prepared.execute(conn, _INSERT_WORKFLOW, dict(workflow))
-    if steps:
-        prepared.execute(conn, _INSERT_STEP, steps)
+def inserts(workflow: Mapping[str, Any], steps: list[dict[str, Any]]) -> list[Statement]:
+    """The statements that insert a new run and its steps (one statement each)."""
+    return [(_INSERT_WORKFLOW, dict(workflow)), (_INSERT_STEP, steps)]
 
 
 # Built once: a statement built per call costs its cache key each time (~20 µs here).

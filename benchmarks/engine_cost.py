@@ -4,11 +4,14 @@ A one-step workflow makes four calls on the database: the API's submit (create),
 worker's claim (a read of the step, or with ``CORRAL_CLAIM_AFTER_S=0`` its claim written
 before the model runs), its result, and the client's status read. This runs those calls for N
 one-step workflows in this process (no HTTP, no broker: the dispatcher records its sends)
-and prints, per call, the median wall time, the mean CPU time, and how many statements and
-transactions it made; on a database server each statement, ``BEGIN`` and ``COMMIT`` is a
-round trip::
+and prints, per call, the median wall time, the mean CPU time, and how many statements,
+transactions and (on a database server) round trips it made::
 
-    python -m benchmarks.engine_cost [--n 300] [--database postgresql://…] [--compare]
+    python -m benchmarks.engine_cost [--n 300] [--database postgresql://…] [--rtt-ms MS]
+                                     [--compare]
+
+``--rtt-ms`` reaches the server database through a proxy that adds that round-trip time
+(``benchmarks/delay_proxy.py``), as a database on another host would.
 
 ``--compare`` runs the four calls alternately with the engine's statements on the
 driver's cursor (``app/prepared.py``, as shipped) and through SQLAlchemy's
@@ -23,6 +26,7 @@ Every claim runs as in a worker that has not seen the workflow yet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -45,6 +49,7 @@ from app.embedded import EmbeddedRedis
 from app.engine import Dispatch
 from app.migrate import upgrade
 from app.spec import validate_workflow
+from benchmarks.delay_proxy import delayed
 from benchmarks.stack import DATABASE_ENV, REDIS_ENV
 from models.catalog import load_catalog
 from models.tiny import make_tiny
@@ -72,26 +77,42 @@ class _Recorder:
 
 
 class _Counts:
-    """Statements and transactions seen on every engine of this process.
+    """Statements, transactions and round trips seen on every engine of this process.
 
     SQLite's ``BEGIN`` is counted as a statement: Corral's begin hook runs it on the
     driver's connection, where no cursor event sees it (on PostgreSQL, psycopg sends its
-    own ``BEGIN`` before a transaction's first statement, not counted either way).
+    own ``BEGIN`` before a transaction's first statement, not counted either way). Round
+    trips are a server database's: one per statement run on its own, one for each
+    transaction's ``BEGIN`` and ``COMMIT``, one per :func:`app.prepared.script` (its
+    statements, with its ``BEGIN`` or ``COMMIT``, in one simple query).
     """
 
     def __init__(self) -> None:
         self.statements = 0
         self.transactions = 0
+        self.round_trips = 0
+        self.in_script = False
 
-    def statement(self, *_args: Any) -> None:
+    def statement(self, conn: Any, *_args: Any) -> None:
         self.statements += 1
+        if conn.dialect.name != "sqlite":
+            self.round_trips += 1
 
-    def transaction(self, *_args: Any) -> None:
+    def transaction(self, conn: Any) -> None:
         self.transactions += 1
+        if conn.dialect.name != "sqlite":
+            self.round_trips += 2  # psycopg's BEGIN, then the COMMIT
 
     def begin(self, conn: Any) -> None:
         if conn.dialect.name == "sqlite":
             self.statements += 1
+
+    def script(self, conn: Any, n: int, *, begin: bool, commit: bool) -> None:
+        # On SQLite a script's statements run through prepared.execute: counted there.
+        if conn.dialect.name != "sqlite":
+            self.statements += n
+            self.transactions += commit or not begin  # no BEGIN nor COMMIT: implicit
+            self.round_trips += 1
 
 
 @contextmanager
@@ -101,21 +122,28 @@ def _counting(counts: _Counts) -> Iterator[None]:
     event.listen(Engine, "before_cursor_execute", counts.statement)
     event.listen(Engine, "commit", counts.transaction)
     event.listen(Engine, "begin", counts.begin)
-    original = prepared.execute
+    original, original_script = prepared.execute, prepared.script
 
     def counted(conn: Any, stmt: Any, params: Any = None) -> prepared.Rows:
         # Statements run on the driver's cursor pass no cursor event: count them here
         # (one per call, an executemany included, as SQLAlchemy's event counts them).
         first = (params[0] if params else {}) if isinstance(params, list) else (params or {})
         if prepared.prepared_for(conn, stmt, first).supported:
-            counts.statement()
+            counts.statement(conn)
         return original(conn, stmt, params)
 
-    prepared.execute = counted
+    def counted_script(
+        conn: Any, statements: Any, *, begin: bool = False, commit: bool = False
+    ) -> list[prepared.Rows]:
+        n = sum(1 for _, params in statements if params != [])
+        counts.script(conn, n, begin=begin, commit=commit)
+        return original_script(conn, statements, begin=begin, commit=commit)
+
+    prepared.execute, prepared.script = counted, counted_script
     try:
         yield
     finally:
-        prepared.execute = original
+        prepared.execute, prepared.script = original, original_script
         event.remove(Engine, "before_cursor_execute", counts.statement)
         event.remove(Engine, "commit", counts.transaction)
         event.remove(Engine, "begin", counts.begin)
@@ -168,11 +196,13 @@ def _cpu_ms() -> float:
 
 
 def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str, float]]:
-    """Per call: median wall ms, mean CPU ms, statements and transactions per call."""
+    """Per call: median wall ms, mean CPU ms; statements, transactions and (on a server
+    database) round trips per call."""
     wall: dict[str, list[float]] = {c: [] for c in CALLS}
     cpu = dict.fromkeys(CALLS, 0.0)
     statements = dict.fromkeys(CALLS, 0)
     transactions = dict.fromkeys(CALLS, 0)
+    round_trips = dict.fromkeys(CALLS, 0)
     counts = _Counts()
     with use_settings(settings), _counting(counts):
         upgrade(settings.sqlalchemy_url)
@@ -186,7 +216,8 @@ def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str,
                 "read": one.read,
             }
             for name, call in calls.items():
-                s0, t0 = (counts.statements, counts.transactions), time.perf_counter()
+                s0 = (counts.statements, counts.transactions, counts.round_trips)
+                t0 = time.perf_counter()
                 c0 = _cpu_ms()
                 call()
                 c1, t1 = _cpu_ms(), time.perf_counter()
@@ -195,6 +226,7 @@ def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str,
                     cpu[name] += (c1 - c0) / n
                     statements[name] += counts.statements - s0[0]
                     transactions[name] += counts.transactions - s0[1]
+                    round_trips[name] += counts.round_trips - s0[2]
     db.dispose_engines()
     return {
         c: {
@@ -202,6 +234,7 @@ def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str,
             "cpu_ms": round(cpu[c], 3),
             "statements": statements[c] / n,
             "transactions": transactions[c] / n,
+            "round_trips": round_trips[c] / n,
         }
         for c in CALLS
     }
@@ -277,16 +310,29 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU per call with the statements on the driver's cursor (as shipped) against "
         "SQLAlchemy's Connection.execute, alternating per workflow",
     )
+    p.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="reach the server database through a proxy that adds this round-trip time "
+        "(benchmarks/delay_proxy.py): a database on another host",
+    )
     args = p.parse_args(argv)
     if args.compare:
         return _main_compare(args)
     results: dict[str, dict[str, dict[str, float]]] = {}
-    with _environment(args.database) as settings_by_db:
+    with contextlib.ExitStack() as stack:
+        if args.database and args.rtt_ms > 0:
+            args.database = stack.enter_context(delayed(args.database, args.rtt_ms))
+        settings_by_db = stack.enter_context(_environment(args.database))
         for name, settings in settings_by_db.items():
             results[name] = measure(settings, args.n)
-    table = Table(title=f"the engine's database work per call, {args.n} one-step workflows")
-    for col in ("database", "call", "wall (median)", "CPU (mean)", "statements", "transactions"):
-        table.add_column(col)
+    rtt = f", the server {args.rtt_ms:g} ms further away" if args.rtt_ms > 0 else ""
+    table = Table(title=f"the engine's database work per call, {args.n} one-step workflows{rtt}")
+    columns = ("call", "wall (median)", "CPU (mean)", "statements", "transactions", "round trips")
+    table.add_column("database", no_wrap=True)
+    for col in columns:
+        table.add_column(col, no_wrap=col == "call")
     for name, by_call in results.items():
         for call, r in by_call.items():
             table.add_row(
@@ -296,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['cpu_ms']:.3f} ms",
                 f"{r['statements']:g}",
                 f"{r['transactions']:g}",
+                f"{r['round_trips']:g}" if name != "sqlite" else "-",
             )
     Console().print(table)
     return 0

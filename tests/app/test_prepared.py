@@ -70,15 +70,28 @@ def _plain(params: Any) -> Any:
 
 @pytest.fixture
 def recorded(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Any]]:
-    """Every (statement, parameters) the engine runs through prepared.execute."""
+    """Every (statement, parameters) the engine runs through prepared.execute or, once
+    each, through prepared.script (which on SQLite runs them through execute)."""
     calls: list[tuple[Any, Any]] = []
-    original = prepared.execute
+    original, original_script = prepared.execute, prepared.script
+    in_script = False
 
     def recording(conn: Connection, stmt: Any, params: Any = None) -> prepared.Rows:
-        calls.append((stmt, params))
+        if not in_script:
+            calls.append((stmt, params))
         return original(conn, stmt, params)
 
+    def recording_script(conn: Connection, statements: Any, **kw: Any) -> list[prepared.Rows]:
+        nonlocal in_script
+        calls.extend(statements)
+        in_script = True
+        try:
+            return original_script(conn, statements, **kw)
+        finally:
+            in_script = False
+
     monkeypatch.setattr(prepared, "execute", recording)
+    monkeypatch.setattr(prepared, "script", recording_script)
     return calls
 
 

@@ -63,6 +63,7 @@ class Watcher:
             time.sleep(0.003)
 
     def __enter__(self) -> Watcher:
+        self._read()  # the row before the worker starts, however late the thread's first read
         self._thread.start()
         return self
 
