@@ -202,6 +202,7 @@ def script(
     parts: list[str] = ["BEGIN"] if begin else []
     # For each part, the statement whose rows it returns (its index in ``out``), if any.
     readers: list[tuple[int, Prepared] | None] = [None] * len(parts)
+    sql: list[str] = []  # the statements unbound, for an error: no values in a message
     out = [Rows() for _ in statements]
     try:
         for index, (stmt, params) in enumerate(statements):
@@ -216,6 +217,7 @@ def script(
                 head = found.sql[: found.sql.index(" VALUES ") + len(" VALUES ")]
                 bound = [head + ", ".join(b[len(head) :] for b in bound)]
             parts.extend(bound)
+            sql.append(found.sql)
             readers.extend([(index, found) if found.returns else None] * len(bound))
         if commit:
             parts.append("COMMIT")
@@ -229,7 +231,7 @@ def script(
                 out[reader[0]].extend(reader[1].rows(cursor.fetchall()))
         return out
     except dialect.loaded_dbapi.Error as exc:
-        raise _translated(conn, "; ".join(parts), None, exc) from exc
+        raise _translated(conn, "; ".join(sql), None, exc) from exc
     finally:
         cursor.close()
 

@@ -134,8 +134,14 @@ def test_a_script_without_begin_or_commit_is_all_or_nothing(settings: Settings) 
     wid = new_id()
     steps = _steps(wid, 3)
     steps[2]["id"] = steps[1]["id"]  # the last row's primary key taken by the one before
-    with pytest.raises(IntegrityError), db.connection_scope(write=True, explicit=True) as conn:
+    with (
+        pytest.raises(IntegrityError) as caught,
+        db.connection_scope(write=True, explicit=True) as conn,
+    ):
         prepared.script(conn, rows.inserts(_run(wid), steps))
+    assert "INSERT INTO step_run" in str(caught.value)  # the statement is named
+    if settings.sqlalchemy_url.startswith("postgresql"):
+        assert AWKWARD not in str(caught.value)  # not the script's values (prompts, outputs)
     with db.connection_scope() as conn:
         assert prepared.execute(conn, rows.LOCK_BY_ID, {"workflow_id": wid}) == []
         assert prepared.execute(conn, rows.STEPS, {"workflow_id": wid}) == []
