@@ -240,10 +240,7 @@ def connection_scope(
             if (autocommit or explicit) and engine.dialect.name != "sqlite":
                 with engine.connect() as conn:
                     conn.execution_options(isolation_level="AUTOCOMMIT")
-                    if explicit:
-                        with _ended(conn):
-                            yield conn
-                    else:
+                    with _ended(conn) if explicit else nullcontext():
                         yield conn
             else:
                 with engine.begin() as conn:
