@@ -29,6 +29,7 @@ from sqlmodel import Session
 from app import inline
 from app.core.config import get_settings
 from app.errors import ServiceUnavailable
+from app.prepared import SERVER_PREPARE
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ def _sqlite_execute(conn: Connection, statement: str) -> None:
         raise DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
 
-def make_engine(url: str, *, write: bool = False, loop: bool = False) -> Engine:
+def make_engine(
+    url: str, *, write: bool = False, loop: bool = False, prepare: bool = True
+) -> Engine:
     """Create an engine for ``url`` with Corral's per-dialect settings.
 
     On SQLite a ``write`` engine opens every transaction with ``BEGIN IMMEDIATE``; reads use
@@ -113,7 +116,19 @@ def make_engine(url: str, *, write: bool = False, loop: bool = False) -> Engine:
         begin = _sqlite_begin_immediate_nowait if nowait else _sqlite_begin_immediate
         event.listen(engine, "begin", begin if write else _sqlite_begin)
         return engine
-    engine = create_engine(url, pool_size=5, max_overflow=10)
+    # ``prepare``: the engine's statements are prepared on each server session the first
+    # time it runs them (app.prepared); off, each is sent as its text, and nothing outlives
+    # a transaction on the session, as a pooler in transaction mode needs. psycopg's own
+    # preparing (a statement run 5 times) is off either way: it sends DEALLOCATE ALL after
+    # every rollback it sees, the pool's reset on check-in included, which would drop the
+    # engine's statements with its own.
+    engine = create_engine(
+        url,
+        pool_size=5,
+        max_overflow=10,
+        connect_args={"prepare_threshold": None},
+        execution_options={SERVER_PREPARE: prepare},
+    )
     _ping_when_idle(engine)
     return engine
 
@@ -159,7 +174,9 @@ def get_engine(url: str | None = None, *, write: bool = False, loop: bool = Fals
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = make_engine(url, write=write, loop=loop)
+            engine = _engines[key] = make_engine(
+                url, write=write, loop=loop, prepare=get_settings().database_prepare
+            )
         return engine
 
 

@@ -25,7 +25,10 @@ and the pool's older connections, as ``Connection.execute`` does.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
+import weakref
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -61,6 +64,9 @@ class Prepared:
         self.sql: str = compiled.string
         self.positional: bool = bool(getattr(dialect, "positional", False))
         self.order: tuple[str, ...] = tuple(getattr(compiled, "positiontup", None) or ())
+        # As a statement prepared on a PostgreSQL session: its name, the PREPARE that
+        # creates it and the EXECUTE that runs it (None for another parameter style).
+        self.server = None if self.positional else _server_form(self.sql)
         binds = getattr(compiled, "binds", {})
         processors = {
             name: bind.type.dialect_impl(dialect).bind_processor(dialect)
@@ -108,6 +114,34 @@ class Prepared:
         return out
 
 
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%|%s")
+
+
+def _server_form(sql: str) -> tuple[str, str, str] | None:
+    """``sql`` (``%(name)s`` placeholders) as a named statement on the server: its name
+    (from the text), ``PREPARE name AS …`` with ``$n`` for each distinct placeholder, and
+    ``EXECUTE name(%(a)s, …)`` for the client to bind."""
+    order: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(0) == "%%":
+            return "%"
+        name = match.group(1)
+        if name is None:  # a positional placeholder: not this form
+            raise ValueError(sql)
+        if name not in order:
+            order.append(name)
+        return f"${order.index(name) + 1}"
+
+    try:
+        body = _PLACEHOLDER.sub(number, sql)
+    except ValueError:
+        return None
+    name = "corral_" + hashlib.sha1(sql.encode(), usedforsecurity=False).hexdigest()[:24]
+    run = f"EXECUTE {name}({', '.join(f'%({n})s' for n in order)})" if order else f"EXECUTE {name}"
+    return name, f"PREPARE {name} AS {body}", run
+
+
 _cache: dict[tuple[int, int, tuple[str, ...] | None], tuple[Executable, Prepared]] = {}
 _cache_lock = threading.Lock()
 
@@ -151,6 +185,9 @@ def execute(
     ):
         result = conn.execute(stmt, many if many is not None else dict(one))
         return Rows(result.all()) if result.returns_rows else Rows()
+    if prepared.server is not None and _server_names(conn) is not None:
+        # PostgreSQL: as a script of one statement, prepared on the session (below).
+        return _simple_query(conn, [(stmt, many if many is not None else one)])[0]
     driver = conn.connection.driver_connection
     assert driver is not None
     cursor = driver.cursor()
@@ -167,6 +204,16 @@ def execute(
 
 
 Statement = tuple[Executable, Params | Sequence[Params]]
+
+
+# The engine's option (``execution_options``) that turns the scripts' prepared statements
+# on (the default) or off; and, per driver connection, the names it has prepared so far.
+SERVER_PREPARE = "corral_server_prepare"
+_on_server: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+# Errors after which a session's prepared statements cannot be trusted: "prepared
+# statement does not exist" (the session lost them) and "cached plan must not change
+# result type" (a column a statement returns changed type: a migration).
+_STALE_STATEMENTS = frozenset({"26000", "0A000"})
 
 
 def script(
@@ -188,17 +235,55 @@ def script(
     opens and ends the transaction. A list of parameter sets runs the statement once per
     set, an ``INSERT`` as one statement of many ``VALUES``.
 
+    Each statement is prepared on the server session the first time the connection runs
+    it (a ``PREPARE`` at the head of that script) and then sent as ``EXECUTE name(…)``
+    with its values bound: the server parses and plans it once per connection, not on
+    every call. ``PREPARE`` is not undone by a rollback; a script that prepared and failed
+    invalidates its connection, so the names it may have left go with the session; a
+    session that lost its statements (``prepared statement does not exist``), or whose
+    statement returns a column that changed type (a migration), is dropped too. The
+    engine option :data:`SERVER_PREPARE` false (``CORRAL_DATABASE_PREPARE``) sends every
+    statement as its text.
+
     Elsewhere (SQLite: calls into this process, no round trips to save) each statement
     runs through :func:`execute`, and the connection's own transaction is the one.
     """
-    dialect = conn.dialect
-    if dialect.name != "postgresql":
+    if conn.dialect.name != "postgresql":
         return [execute(conn, stmt, params) for stmt, params in statements]
+    return _simple_query(conn, statements, begin=begin, commit=commit)
+
+
+def _server_names(conn: Connection) -> set[str] | None:
+    """On PostgreSQL with :data:`SERVER_PREPARE` on, the names of the statements
+    prepared on ``conn``'s session so far; otherwise ``None``."""
+    if conn.dialect.name != "postgresql" or not conn.get_execution_options().get(
+        SERVER_PREPARE, True
+    ):
+        return None
+    driver = conn.connection.driver_connection
+    names = _on_server.get(driver)
+    if names is None:
+        names = _on_server[driver] = set()
+    return names
+
+
+def _simple_query(
+    conn: Connection,
+    statements: Sequence[Statement],
+    *,
+    begin: bool = False,
+    commit: bool = False,
+) -> list[Rows]:
+    """:func:`script` on PostgreSQL."""
     import psycopg  # the PostgreSQL driver: imported only where it is the dialect's
 
+    dialect = conn.dialect
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
+    names = _server_names(conn)
     cursor = psycopg.ClientCursor(driver)
+    prepares: list[str] = []  # the PREPAREs this script sends first, and their names
+    new: list[str] = []
     parts: list[str] = ["BEGIN"] if begin else []
     # For each part, the statement whose rows it returns (its index in ``out``), if any.
     readers: list[tuple[int, Prepared] | None] = [None] * len(parts)
@@ -212,18 +297,31 @@ def script(
             found = prepared_for(conn, stmt, many[0])
             if not found.supported:
                 raise ValueError(f"not a statement a script can run: {found.sql}")
-            bound = [cursor.mogrify(found.sql, found.parameters(p)) for p in many]
-            if len(bound) > 1 and getattr(stmt, "is_insert", False) and not found.returns:
+            if len(many) > 1 and getattr(stmt, "is_insert", False) and not found.returns:
+                # Many rows: one INSERT of many VALUES, as its text (its length varies).
+                bound = [cursor.mogrify(found.sql, found.parameters(p)) for p in many]
                 head = found.sql[: found.sql.index(" VALUES ") + len(" VALUES ")]
                 bound = [head + ", ".join(b[len(head) :] for b in bound)]
+            elif names is not None and found.server is not None:
+                name, prepare_sql, template = found.server
+                if name not in names and name not in new:
+                    prepares.append(prepare_sql)
+                    new.append(name)
+                bound = [cursor.mogrify(template, found.parameters(p)) for p in many]
+            else:
+                bound = [cursor.mogrify(found.sql, found.parameters(p)) for p in many]
             parts.extend(bound)
             sql.append(found.sql)
             readers.extend([(index, found) if found.returns else None] * len(bound))
         if commit:
             parts.append("COMMIT")
             readers.append(None)
+        parts[:0] = prepares
+        readers[:0] = [None] * len(prepares)
         if parts:
             cursor.execute("; ".join(parts))
+        if names is not None:
+            names.update(new)
         for i, reader in enumerate(readers):
             if i:
                 cursor.nextset()
@@ -231,16 +329,22 @@ def script(
                 out[reader[0]].extend(reader[1].rows(cursor.fetchall()))
         return out
     except dialect.loaded_dbapi.Error as exc:
-        raise _translated(conn, "; ".join(sql), None, exc) from exc
+        lost = bool(new) or getattr(exc, "sqlstate", None) in _STALE_STATEMENTS
+        raise _translated(conn, "; ".join(sql), None, exc, drop=lost) from exc
     finally:
         cursor.close()
 
 
-def _translated(conn: Connection, sql: str, params: Any, exc: Any) -> BaseException:
+def _translated(
+    conn: Connection, sql: str, params: Any, exc: Any, *, drop: bool = False
+) -> BaseException:
     """The driver's error as SQLAlchemy raises it; a lost connection is invalidated, and
-    with it every connection the pool handed out before (as ``Connection.execute`` does)."""
+    with it every connection the pool handed out before (as ``Connection.execute`` does).
+    ``drop``: this connection alone is invalidated (its session's state is unknown)."""
     dialect = conn.dialect
     disconnect = dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
+    if drop and not disconnect:
+        conn.invalidate(exc)
     if disconnect:
         pool = conn.engine.pool
         invalidate_pool = getattr(pool, "_invalidate", None)

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     # Services. Unset means: `corral up` starts an embedded Redis, and SQLite in DATA_DIR.
     redis_url: str | None = None
     database_url: str | None = None
+    database_prepare: bool = Field(
+        default=True,
+        description="PostgreSQL: each connection keeps the statements it runs prepared on "
+        "the server (parsed and planned once); false behind a pooler in transaction mode "
+        "(PgBouncer), where a session's prepared statements are not its own",
+    )
 
     # API.
     api_host: str = "127.0.0.1"
