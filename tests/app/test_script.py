@@ -7,7 +7,6 @@ what it leaves open. SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,54 +15,8 @@ from sqlalchemy.exc import IntegrityError
 
 from app import db, prepared, rows
 from app.core.config import Settings
-from app.tables import StepStatus, WorkflowStatus, new_id, utcnow
-
-# Values a client-side binding must quote right: quotes, percent signs (the driver's
-# placeholders), backslashes, a NUL-free control character, non-ASCII, JSON nesting.
-AWKWARD = 'it\'s 100% {{ x }} %(name)s %s \\ \t "quoted" — ünïcode ☃'
-
-
-def _run(workflow_id: str) -> dict[str, Any]:
-    now = utcnow()
-    return {
-        "id": workflow_id,
-        "name": AWKWARD,
-        "status": WorkflowStatus.running,
-        "spec": {"name": AWKWARD, "steps": [], "nested": {"list": [1, 2.5, None, True]}},
-        "api_key_id": None,
-        "idempotency_key": None,
-        "request_hash": None,
-        "error": None,
-        "created_at": now,
-        "updated_at": now,
-        "finished_at": None,
-    }
-
-
-def _steps(workflow_id: str, n: int) -> list[dict[str, Any]]:
-    now = utcnow()
-    return [
-        {
-            "id": new_id(),
-            "workflow_id": workflow_id,
-            "step_id": f"s{i}",
-            "position": i,
-            "kind": "generate",
-            "model": "tiny-chat",
-            "status": StepStatus.queued if i == 0 else StepStatus.pending,
-            "depends_on": [f"s{j}" for j in range(i)],
-            "attempts": 0,
-            "max_attempts": 3,
-            "output": {"text": AWKWARD, "n": i} if i % 2 else None,
-            "error": AWKWARD if i == 2 else None,
-            "queued_at": now - timedelta(microseconds=i) if i == 0 else None,
-            "dispatched_at": None,
-            "started_at": None,
-            "finished_at": None,
-            "updated_at": now,
-        }
-        for i in range(n)
-    ]
+from app.tables import StepStatus, WorkflowStatus, new_id
+from tests.utils.engine_rows import AWKWARD, run_row, step_rows
 
 
 def _stored(workflow_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -84,7 +37,7 @@ def _stored(workflow_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def test_a_script_writes_what_the_statements_write_one_by_one(settings: Settings) -> None:
     one, other = new_id(), new_id()
-    run, steps = _run(one), _steps(one, 5)
+    run, steps = run_row(one), step_rows(one, 5)
     with db.connection_scope(write=True, explicit=True) as conn:
         prepared.script(conn, rows.inserts(run, steps))
     copy = {**run, "id": other}
@@ -101,9 +54,9 @@ def test_a_script_writes_what_the_statements_write_one_by_one(settings: Settings
 
 def test_a_script_returns_each_statements_rows_in_order(settings: Settings) -> None:
     wid = new_id()
-    steps = _steps(wid, 3)
+    steps = step_rows(wid, 3)
     with db.connection_scope(write=True, explicit=True) as conn:
-        prepared.script(conn, rows.inserts(_run(wid), steps))
+        prepared.script(conn, rows.inserts(run_row(wid), steps))
     by_step = {"step_run_id": steps[2]["id"]}
     with db.connection_scope(write=True, explicit=True) as conn:
         lock, found = prepared.script(
@@ -132,13 +85,13 @@ def test_a_script_returns_each_statements_rows_in_order(settings: Settings) -> N
 
 def test_a_script_without_begin_or_commit_is_all_or_nothing(settings: Settings) -> None:
     wid = new_id()
-    steps = _steps(wid, 3)
+    steps = step_rows(wid, 3)
     steps[2]["id"] = steps[1]["id"]  # the last row's primary key taken by the one before
     with (
         pytest.raises(IntegrityError) as caught,
         db.connection_scope(write=True, explicit=True) as conn,
     ):
-        prepared.script(conn, rows.inserts(_run(wid), steps))
+        prepared.script(conn, rows.inserts(run_row(wid), steps))
     assert "INSERT INTO step_run" in str(caught.value)  # the statement is named
     if settings.sqlalchemy_url.startswith("postgresql"):
         assert AWKWARD not in str(caught.value)  # not the script's values (prompts, outputs)
@@ -153,9 +106,9 @@ def test_a_read_after_the_lock_in_one_script_sees_what_the_lock_waited_for(
     """The lock and the steps' read go in one script: the read must see the commit of the
     transaction whose lock the script waited on (each statement's own snapshot)."""
     wid = new_id()
-    steps = _steps(wid, 2)
+    steps = step_rows(wid, 2)
     with db.connection_scope(write=True, explicit=True) as conn:
-        prepared.script(conn, rows.inserts(_run(wid), steps))
+        prepared.script(conn, rows.inserts(run_row(wid), steps))
     by_id = {"workflow_id": wid}
     locked, waiting, seen = threading.Event(), threading.Event(), []
 
@@ -192,7 +145,7 @@ def test_an_explicit_block_never_leaves_a_transaction_open(settings: Settings, e
         pytest.skip("on SQLite the block's transaction is the connection's own")
     wid = new_id()
     with db.connection_scope(write=True, explicit=True) as conn:
-        prepared.script(conn, rows.inserts(_run(wid), _steps(wid, 1)))
+        prepared.script(conn, rows.inserts(run_row(wid), step_rows(wid, 1)))
     change = rows.WorkflowState(wid, "x", WorkflowStatus.running)
     change.set(error="not committed")
     drivers: list[Any] = []

@@ -17,8 +17,9 @@ from sqlalchemy.sql import Executable
 from app import db, prepared, rows
 from app.core.config import Settings
 from app.migrate import upgrade
-from app.tables import StepStatus, WorkflowStatus, new_id, utcnow
+from app.tables import StepStatus, new_id
 from tests.utils.databases import create_pg_database, drop_pg_database
+from tests.utils.engine_rows import run_row, step_rows
 
 
 def test_the_server_form_numbers_each_placeholder_once() -> None:
@@ -45,43 +46,9 @@ def pg_engine(settings: Settings) -> Iterator[Engine]:
 
 
 def _workflow(conn: Connection, n: int = 2) -> tuple[str, list[str]]:
-    wid, now = new_id(), utcnow()
-    run = {
-        "id": wid,
-        "name": "prep",
-        "status": WorkflowStatus.running,
-        "spec": {"steps": []},
-        "api_key_id": None,
-        "idempotency_key": None,
-        "request_hash": None,
-        "error": None,
-        "created_at": now,
-        "updated_at": now,
-        "finished_at": None,
-    }
-    steps = [
-        {
-            "id": new_id(),
-            "workflow_id": wid,
-            "step_id": f"s{i}",
-            "position": i,
-            "kind": "generate",
-            "model": "tiny-chat",
-            "status": StepStatus.queued,
-            "depends_on": [],
-            "attempts": 0,
-            "max_attempts": 3,
-            "output": None,
-            "error": None,
-            "queued_at": now,
-            "dispatched_at": None,
-            "started_at": None,
-            "finished_at": None,
-            "updated_at": now,
-        }
-        for i in range(n)
-    ]
-    prepared.script(conn, rows.inserts(run, steps))
+    wid = new_id()
+    steps = step_rows(wid, n)
+    prepared.script(conn, rows.inserts(run_row(wid), steps))
     return wid, [s["id"] for s in steps]
 
 
