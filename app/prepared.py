@@ -185,9 +185,10 @@ def execute(
     ):
         result = conn.execute(stmt, many if many is not None else dict(one))
         return Rows(result.all()) if result.returns_rows else Rows()
-    if prepared.server is not None and _server_names(conn) is not None:
+    names = _server_names(conn) if prepared.server is not None else None
+    if names is not None:
         # PostgreSQL: as a script of one statement, prepared on the session (below).
-        return _simple_query(conn, [(stmt, many if many is not None else one)])[0]
+        return _simple_query(conn, [(stmt, many if many is not None else one)], names)[0]
     driver = conn.connection.driver_connection
     assert driver is not None
     cursor = driver.cursor()
@@ -250,7 +251,7 @@ def script(
     """
     if conn.dialect.name != "postgresql":
         return [execute(conn, stmt, params) for stmt, params in statements]
-    return _simple_query(conn, statements, begin=begin, commit=commit)
+    return _simple_query(conn, statements, _server_names(conn), begin=begin, commit=commit)
 
 
 def _server_names(conn: Connection) -> set[str] | None:
@@ -270,17 +271,17 @@ def _server_names(conn: Connection) -> set[str] | None:
 def _simple_query(
     conn: Connection,
     statements: Sequence[Statement],
+    names: set[str] | None,
     *,
     begin: bool = False,
     commit: bool = False,
 ) -> list[Rows]:
-    """:func:`script` on PostgreSQL."""
+    """:func:`script` on PostgreSQL; ``names``: :func:`_server_names` of ``conn``."""
     import psycopg  # the PostgreSQL driver: imported only where it is the dialect's
 
     dialect = conn.dialect
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
-    names = _server_names(conn)
     cursor = psycopg.ClientCursor(driver)
     prepares: list[str] = []  # the PREPAREs this script sends first, and their names
     new: list[str] = []
