@@ -63,7 +63,7 @@ class AsyncDispatcher(Protocol):
 class _Tx:
     """One engine transaction on a workflow: its row, its steps as read, what to send."""
 
-    conn: Connection
+    conn: Connection | None  # None while create_workflow settles a run not yet written
     workflow: WorkflowState
     dispatches: list[Dispatch] = field(default_factory=list)
     step_id: str | None = None  # the spec id of the step _locked was given, if any
@@ -75,10 +75,16 @@ class _Tx:
         assert self.rows is not None
         return self.rows
 
+    @property
+    def db(self) -> Connection:
+        """The transaction's connection (a run already written has one)."""
+        assert self.conn is not None
+        return self.conn
+
     def commit(self) -> None:
         """Write what the block changed and commit (on PostgreSQL, one round trip)."""
         writes = rows.writes(self.workflow, (self.rows or {}).values())
-        prepared.script(self.conn, writes, commit=True)
+        prepared.script(self.db, writes, commit=True)
 
 
 class _StepGone(NotFoundError):
@@ -147,13 +153,46 @@ def create_workflow(
 ) -> Created:
     """Write a run and its steps, commit, then enqueue the steps that are ready.
 
-    The steps are settled before they are written, so each row is inserted in its first
-    state (``queued`` or ``pending``): one INSERT for the run, one for its steps.
     ``workflow_id`` chooses the run's id (a caller that waits for the end registers for
     its notice before anything can finish); by default a new one. Without a
     ``dispatcher`` nothing is sent or announced here: the caller sends the returned
     ``dispatches`` and announces a run that ended at once (the API's event loop does,
     without blocking).
+    """
+    created, statements = plan_workflow(
+        validated,
+        api_key_id=api_key_id,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        workflow_id=workflow_id,
+    )
+    with db.connection_scope(write=True, explicit=True) as conn:
+        # Without BEGIN and COMMIT, one script is one transaction: all of it or nothing.
+        prepared.script(conn, statements)
+    if dispatcher is None:
+        return created
+    if created.dispatches:
+        dispatcher.send(list(created.dispatches))
+    if created.status.terminal:  # every step skipped at once
+        notify.publish_finished(created.id)
+    return Created(created.id, created.status)
+
+
+def plan_workflow(
+    validated: ValidatedWorkflow,
+    *,
+    api_key_id: int | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+    workflow_id: str | None = None,
+) -> tuple[Created, list[prepared.Statement]]:
+    """A new run, settled in memory: what it is once written (with the steps to send
+    after the commit) and the statements that write it (:func:`app.prepared.script`).
+
+    The steps are settled before they are written, so each row is inserted in its first
+    state (``queued`` or ``pending``): one INSERT for the run, one for its steps. Nothing
+    here touches the database; :func:`create_workflow` runs the statements in the thread
+    that calls it, the API's event loop awaits them on PostgreSQL (:mod:`app.loopdb`).
     """
     spec = validated.spec
     now = utcnow()
@@ -175,43 +214,35 @@ def create_workflow(
         s.id: StepState(new_id(), s.id, s.model, StepStatus.pending, 0, s.retry.max_attempts)
         for s in spec.steps
     }
-    with db.connection_scope(write=True, explicit=True) as conn:
-        tx = _Tx(conn, WorkflowState(run["id"], spec.name, WorkflowStatus.running))
-        tx.rows, tx.persisted = states, False
-        _settle(tx, states)
-        run.update(tx.workflow.changed)
-        new_steps = [
-            {
-                "id": state.id,
-                "workflow_id": run["id"],
-                "step_id": step.id,
-                "position": position,
-                "kind": step.kind,
-                "model": step.model,
-                "status": StepStatus.pending,
-                "depends_on": list(step.depends_on),
-                "attempts": 0,
-                "max_attempts": state.max_attempts,
-                "output": None,
-                "error": None,
-                "queued_at": None,
-                "dispatched_at": None,
-                "started_at": None,
-                "finished_at": None,
-                "updated_at": now,
-                **state.changed,
-            }
-            for position, (step, state) in enumerate(zip(spec.steps, states.values(), strict=True))
-        ]
-        # Without BEGIN and COMMIT, one script is one transaction: all of it or nothing.
-        prepared.script(conn, rows.inserts(run, new_steps))
-    if dispatcher is None:
-        return Created(run["id"], run["status"], tuple(tx.dispatches))
-    if tx.dispatches:
-        dispatcher.send(tx.dispatches)
-    if tx.workflow.status.terminal:  # every step skipped at once
-        notify.publish_finished(run["id"])
-    return Created(run["id"], run["status"])
+    tx = _Tx(None, WorkflowState(run["id"], spec.name, WorkflowStatus.running))
+    tx.rows, tx.persisted = states, False
+    _settle(tx, states)
+    run.update(tx.workflow.changed)
+    new_steps = [
+        {
+            "id": state.id,
+            "workflow_id": run["id"],
+            "step_id": step.id,
+            "position": position,
+            "kind": step.kind,
+            "model": step.model,
+            "status": StepStatus.pending,
+            "depends_on": list(step.depends_on),
+            "attempts": 0,
+            "max_attempts": state.max_attempts,
+            "output": None,
+            "error": None,
+            "queued_at": None,
+            "dispatched_at": None,
+            "started_at": None,
+            "finished_at": None,
+            "updated_at": now,
+            **state.changed,
+        }
+        for position, (step, state) in enumerate(zip(spec.steps, states.values(), strict=True))
+    ]
+    created = Created(run["id"], run["status"], tuple(tx.dispatches))
+    return created, rows.inserts(run, new_steps)
 
 
 def find_idempotent(session: Session, api_key_id: int | None, key: str) -> WorkflowRun | None:
@@ -233,7 +264,7 @@ def _context(tx: _Tx, steps: dict[str, StepState], step_id: str) -> dict[str, An
     found: dict[str, dict[str, Any]] = {}
     if ancestors and tx.persisted:
         params = {"workflow_id": tx.workflow.id, "step_ids": sorted(ancestors)}
-        for sid, status, output, attempts, error in tx.conn.execute(rows.CONTEXT, params):
+        for sid, status, output, attempts, error in tx.db.execute(rows.CONTEXT, params):
             found[sid] = {"status": status, "output": output, "attempts": attempts, "error": error}
     context: dict[str, dict[str, Any]] = {}
     for sid in ancestors:
@@ -312,7 +343,7 @@ def _error_of(tx: _Tx, step: StepState) -> str | None:
     if not tx.persisted:
         return None
     params = {"workflow_id": tx.workflow.id, "step_ids": [step.step_id]}
-    found = tx.conn.execute(rows.CONTEXT, params).first()
+    found = tx.db.execute(rows.CONTEXT, params).first()
     return found.error if found is not None else None
 
 

@@ -31,6 +31,7 @@ import threading
 import weakref
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection
@@ -158,8 +159,12 @@ def prepare(stmt: Executable, dialect: Dialect, keys: Sequence[str] | None = Non
 
 def prepared_for(conn: Connection, stmt: Executable, first: Params) -> Prepared:
     """What :func:`execute` runs for ``stmt`` with (the first of its) parameters ``first``."""
+    return _prepared(conn.dialect, stmt, first)
+
+
+def _prepared(dialect: Dialect, stmt: Executable, first: Params) -> Prepared:
     keys = sorted(first) if getattr(stmt, "is_insert", False) else None
-    return prepare(stmt, conn.dialect, keys)
+    return prepare(stmt, dialect, keys)
 
 
 def execute(
@@ -283,24 +288,117 @@ def _simple_query(
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     cursor = psycopg.ClientCursor(driver)
-    prepares: list[str] = []  # the PREPAREs this script sends first, and their names
-    new: list[str] = []
-    parts: list[str] = ["BEGIN"] if begin else []
-    # For each part, the statement whose rows it returns (its index in ``out``), if any.
-    readers: list[tuple[int, Prepared] | None] = [None] * len(parts)
-    sql: list[str] = []  # the statements unbound, for an error: no values in a message
-    out = [Rows() for _ in statements]
+    query: Query | None = None
     try:
+        query = Query.compose(dialect, cursor.mogrify, statements, names, begin, commit)
+        if query.text:
+            cursor.execute(query.text)
+        if names is not None:
+            names.update(query.new)
+        out = query.empty()
+        for i, reader in enumerate(query.readers):
+            if i:
+                cursor.nextset()
+            if reader is not None:
+                out[reader[0]].extend(reader[1].rows(cursor.fetchall()))
+        return out
+    except dialect.loaded_dbapi.Error as exc:
+        # Nothing was sent if the query could not be composed (a value psycopg refused).
+        lost = query is not None and (
+            bool(query.new) or getattr(exc, "sqlstate", None) in _STALE_STATEMENTS
+        )
+        raise _translated(conn, query.sql if query else "", None, exc, drop=lost) from exc
+    finally:
+        cursor.close()
+
+
+async def script_async(
+    aconn: Any,
+    dialect: Dialect,
+    statements: Sequence[Statement],
+    names: set[str] | None,
+    *,
+    begin: bool = False,
+    commit: bool = False,
+) -> list[Rows]:
+    """:func:`script` on a :class:`psycopg.AsyncConnection` in autocommit (the API's
+    event loop, :mod:`app.loopdb`): the same query in one round trip, awaited instead of
+    waited for. ``names``: the statements prepared on ``aconn``'s session so far, updated
+    once the query ran. Errors are raised as SQLAlchemy's; the caller closes ``aconn``
+    after any (its session's state is unknown)."""
+    import psycopg
+
+    cursor = psycopg.AsyncClientCursor(aconn)
+    query: Query | None = None
+    try:
+        query = Query.compose(dialect, cursor.mogrify, statements, names, begin, commit)
+        if query.text:
+            await cursor.execute(query.text)
+        if names is not None:
+            names.update(query.new)
+        out = query.empty()
+        for i, reader in enumerate(query.readers):
+            if i:
+                cursor.nextset()
+            if reader is not None:
+                out[reader[0]].extend(reader[1].rows(await cursor.fetchall()))
+        return out
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(
+            query.sql if query else "",
+            None,
+            exc,
+            psycopg.Error,
+            connection_invalidated=aconn.closed or aconn.broken,  # the dialect's test
+            dialect=dialect,
+        ) from exc
+    finally:
+        await cursor.close()
+
+
+@dataclass(slots=True)
+class Query:
+    """A script as the one simple query that runs it on PostgreSQL."""
+
+    text: str  # the statements bound, ``; ``-joined, the PREPAREs first
+    # For each statement of the text, the index (in the script) of the statement whose
+    # rows it returns, and its Prepared; None for a statement that returns none.
+    readers: list[tuple[int, Prepared] | None]
+    new: list[str]  # the names this text prepares on the session
+    sql: str  # the statements unbound, for an error: no values in a message
+    count: int  # statements in the script
+
+    def empty(self) -> list[Rows]:
+        return [Rows() for _ in range(self.count)]
+
+    @classmethod
+    def compose(
+        cls,
+        dialect: Dialect,
+        mogrify: Callable[[str, Any], str],
+        statements: Sequence[Statement],
+        names: set[str] | None,
+        begin: bool,
+        commit: bool,
+    ) -> Query:
+        """Bind ``statements`` with ``mogrify`` (a client cursor's) into one query; a
+        statement not prepared on the session yet (``names``; None: preparing is off) gets
+        its ``PREPARE`` at the head."""
+        prepares: list[str] = []
+        new: list[str] = []
+        parts: list[str] = ["BEGIN"] if begin else []
+        readers: list[tuple[int, Prepared] | None] = [None] * len(parts)
+        sql: list[str] = []
         for index, (stmt, params) in enumerate(statements):
             many: list[Params] = list(params) if isinstance(params, list) else [params]  # type: ignore[list-item]
             if not many:
                 continue
-            found = prepared_for(conn, stmt, many[0])
+            found = _prepared(dialect, stmt, many[0])
             if not found.supported:
                 raise ValueError(f"not a statement a script can run: {found.sql}")
             if len(many) > 1 and getattr(stmt, "is_insert", False) and not found.returns:
                 # Many rows: one INSERT of many VALUES, as its text (its length varies).
-                bound = [cursor.mogrify(found.sql, found.parameters(p)) for p in many]
+                bound = [mogrify(found.sql, found.parameters(p)) for p in many]
                 head = found.sql[: found.sql.index(" VALUES ") + len(" VALUES ")]
                 bound = [head + ", ".join(b[len(head) :] for b in bound)]
             elif names is not None and found.server is not None:
@@ -308,9 +406,9 @@ def _simple_query(
                 if name not in names and name not in new:
                     prepares.append(prepare_sql)
                     new.append(name)
-                bound = [cursor.mogrify(template, found.parameters(p)) for p in many]
+                bound = [mogrify(template, found.parameters(p)) for p in many]
             else:
-                bound = [cursor.mogrify(found.sql, found.parameters(p)) for p in many]
+                bound = [mogrify(found.sql, found.parameters(p)) for p in many]
             parts.extend(bound)
             sql.append(found.sql)
             readers.extend([(index, found) if found.returns else None] * len(bound))
@@ -319,21 +417,7 @@ def _simple_query(
             readers.append(None)
         parts[:0] = prepares
         readers[:0] = [None] * len(prepares)
-        if parts:
-            cursor.execute("; ".join(parts))
-        if names is not None:
-            names.update(new)
-        for i, reader in enumerate(readers):
-            if i:
-                cursor.nextset()
-            if reader is not None:
-                out[reader[0]].extend(reader[1].rows(cursor.fetchall()))
-        return out
-    except dialect.loaded_dbapi.Error as exc:
-        lost = bool(new) or getattr(exc, "sqlstate", None) in _STALE_STATEMENTS
-        raise _translated(conn, "; ".join(sql), None, exc, drop=lost) from exc
-    finally:
-        cursor.close()
+        return cls("; ".join(parts), readers, new, "; ".join(sql), len(statements))
 
 
 def _translated(

@@ -56,10 +56,12 @@ def forget_all() -> None:
         _SPECS.clear()
 
 
-def spec_of(conn: Connection, workflow_id: str) -> Spec:
-    """A workflow's parsed spec: from this process's cache, else read once and kept."""
+def spec_of(conn: Connection | None, workflow_id: str) -> Spec:
+    """A workflow's parsed spec: from this process's cache, else read once and kept
+    (``conn`` None: a run being created, whose spec is in the cache)."""
     spec = cached(workflow_id)
     if spec is None:
+        assert conn is not None, workflow_id
         raw = conn.execute(rows.SPEC, {"workflow_id": workflow_id}).scalar_one()
         spec = remember(workflow_id, dict(raw))
     return spec

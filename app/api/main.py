@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app import loopdb
 from app.api import errors
 from app.api.routes import conversations, gpus, health, memory, metrics, models, workflows
 from app.core.process import freeze_startup_objects
@@ -20,6 +21,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     freeze_startup_objects()  # full collections then skip everything start-up made
     yield
     await app.state.finished.close()
+    await loopdb.close_loop()
     if isinstance(app.state.dispatcher, CeleryDispatcher):
         await app.state.dispatcher.aclose()
 

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         "the server (parsed and planned once); false behind a pooler in transaction mode "
         "(PgBouncer), where a session's prepared statements are not its own",
     )
+    database_loop: bool = Field(
+        default=True,
+        description="PostgreSQL: the API submits and reads workflows on its event loop "
+        "over asyncio connections of its own; false sends them to its thread pool",
+    )
 
     # API.
     api_host: str = "127.0.0.1"

@@ -3,8 +3,9 @@
 On SQLite with nothing in the way it is stored and sent from the loop; when SQLite's lock
 is held (by a writer that queues on Corral's gate, or by one that bypasses it) the same
 submit waits in the thread pool while the loop keeps answering, and is stored once; when
-Redis is gone after the commit the step stays for the reconciler. On PostgreSQL a submit
-always runs in the thread pool.
+Redis is gone after the commit the step stays for the reconciler. On PostgreSQL the same
+submit is validated on the loop and its write awaited there, on the loop's own connections
+(app.loopdb; tests/app/test_loop_database.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, closing, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,50 +26,19 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from app import db, keys, live, rows, tokens
-from app.api.main import create_app
+from app import db, live, rows, tokens
 from app.api.routes.workflows import SUBMIT_PATHS
 from app.core.config import Settings, use_settings
 from app.dispatch import SENT_PREFIX, CeleryDispatcher, reconcile, sent_attempts
 from app.embedded import EmbeddedRedis
 from app.tables import StepStatus
-from tests.utils.databases import with_database
+from tests.utils.asgi import api
 from tests.utils.recording import RecordingDispatcher
 
 SPEC: dict[str, Any] = {
     "name": "inline",
     "steps": [{"id": "a", "kind": "generate", "model": "tiny-chat", "input": {"prompt": "hi"}}],
 }
-
-
-@pytest.fixture
-def isolated(
-    settings: Settings, redis_base_url: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Settings]:
-    """The session's database with a Redis database of its own: no worker consumes the
-    messages these tests send, and no live pool is registered there. The live-pool view a
-    first submit reads stays fresh for the whole test: a pause of this shared host longer
-    than the product's one second would otherwise send a later submit to the thread pool."""
-    monkeypatch.setattr(live, "VIEW_MAX_AGE_S", 3600.0)
-    url = with_database(redis_base_url, "12")
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    with use_settings(settings.model_copy(update={"redis_url": url})) as s:
-        yield s
-    client.flushdb()
-    client.close()
-
-
-@asynccontextmanager
-async def api(dispatcher: Any) -> AsyncIterator[httpx.AsyncClient]:
-    with db.session_scope(write=True) as session:
-        _row, key = keys.create_key(session, "inline")
-    transport = httpx.ASGITransport(app=create_app(dispatcher))
-    headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://corral", headers=headers
-    ) as client:
-        yield client
 
 
 def steps_of(workflow_id: str) -> list[tuple[str, StepStatus]]:
@@ -128,10 +98,7 @@ def test_a_submit_is_stored_and_sent_from_the_event_loop(isolated: Settings, bac
         pushed = [json.loads(m) for m in broker.lrange("model.tiny-chat", 0, -1)]
         assert f"{sid}-1" in {m["headers"]["id"] for m in pushed}
         assert status is StepStatus.waiting_for_pool
-        if backend == "sqlite":
-            assert paths == {"event_loop": 1, "thread_pool": 0}
-        else:  # a database server is never called from the loop
-            assert paths == {"event_loop": 0, "thread_pool": 1}
+        assert paths == {"event_loop": 1, "thread_pool": 0}
         assert f'corral_api_submits_total{{path="event_loop"}} {SUBMIT_PATHS["event_loop"]}' in (
             metrics
         )
@@ -210,8 +177,6 @@ def test_a_submit_that_finds_sqlite_locked_waits_in_the_thread_pool(
 def test_a_vocabulary_not_yet_loaded_is_loaded_in_the_thread_pool(
     isolated: Settings, backend: str
 ) -> None:
-    if backend != "sqlite":
-        pytest.skip("only SQLite submits on the loop")
     tokens.close_vocabularies()
 
     async def scenario() -> list[dict[str, int]]:
@@ -229,8 +194,6 @@ def test_a_live_pool_view_due_for_a_refresh_is_read_in_the_thread_pool(
     """Reading the live-pool view from Redis waits on the network: a view older than
     VIEW_MAX_AGE_S sends the whole submit to the thread pool, which reads it; the next
     submit finds it fresh and stays on the loop."""
-    if backend != "sqlite":
-        pytest.skip("only SQLite submits on the loop")
 
     async def scenario() -> list[dict[str, int]]:
         async with api(RecordingDispatcher()) as client:
@@ -250,8 +213,6 @@ def test_a_broker_gone_after_the_commit_leaves_the_step_to_the_reconciler(
 ) -> None:
     """Redis stops between two inline submits: the second still answers 202, its step
     is committed and unsent, and the reconciler sends it once Redis is back."""
-    if backend != "sqlite":
-        pytest.skip("only SQLite submits on the loop")
     from workers.celery_app import make_celery
 
     server = EmbeddedRedis(tmp_path / "redis", persist=True).start()

@@ -6,12 +6,11 @@ import asyncio
 import time
 from typing import Any
 
-import httpx
 from sqlalchemy import update
 
-from app import db, keys, rows
-from app.api.main import create_app
+from app import db, rows
 from app.core.config import Settings
+from tests.utils.asgi import api
 from tests.utils.recording import RecordingDispatcher
 
 SPEC = {
@@ -33,16 +32,10 @@ def test_a_status_read_answers_while_a_writer_holds_the_lock(settings: Settings)
     """A writer has the database's write lock (SQLite: BEGIN IMMEDIATE) or the workflow's
     row (PostgreSQL) and an uncommitted change: the read answers at once, with what was
     committed."""
-    with db.session_scope(write=True) as session:
-        _row, key = keys.create_key(session, "reads")
     dispatcher = RecordingDispatcher()
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any], float]:
-        transport = httpx.ASGITransport(app=create_app(dispatcher))
-        headers = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://corral", headers=headers
-        ) as client:
+        async with api(dispatcher, "reads") as client:
             resp = await client.post("/v1/workflows", json=SPEC)
             assert resp.status_code == 202, resp.text
             wid = resp.json()["id"]

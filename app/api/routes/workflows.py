@@ -18,7 +18,7 @@ from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from app import db, engine, inline, live, notify, prepared, rows
+from app import db, engine, inline, live, loopdb, notify, prepared, rows
 from app.api.deps import (
     ApiKeyDep,
     FinishedDep,
@@ -166,28 +166,41 @@ async def _accept(
     due for a refresh (the whole submit goes to the pool), SQLite's write lock held (the
     validated workflow goes to the pool, to wait for it there). Each is found before
     anything is written.
+
+    On PostgreSQL the same submit is validated on the loop and its one-round-trip write
+    is awaited there, on the loop's own connections (:mod:`app.loopdb`;
+    ``CORRAL_DATABASE_LOOP=false`` sends it to the thread pool instead).
     """
     sender = platform.async_dispatcher
-    validated = None
-    if sender and not idempotency_key and size <= INLINE_BODY_MAX and db.reads_in_process():
-        with contextlib.suppress(inline.WouldBlock), inline.active():
-            validated = _validate(raw, platform)
+    validated, loop_db = None, None
+    if sender and not idempotency_key and size <= INLINE_BODY_MAX:
+        loop_db = loopdb.for_loop()  # PostgreSQL: the loop's own connections
+        if loop_db is not None or db.reads_in_process():
+            with contextlib.suppress(inline.WouldBlock), inline.active():
+                validated = _validate(raw, platform)
     if sender is None or validated is None:  # all of it in the thread pool
         SUBMIT_PATHS["thread_pool"] += 1
         return await run_in_threadpool(
             _submit, raw, response, key, platform, idempotency_key, workflow_id
         )
-    try:
-        with inline.active():
-            run = _create(validated, key, None, workflow_id)
-    except inline.WouldBlock:  # SQLite's write lock is taken: wait for it in the thread pool
-        SUBMIT_PATHS["thread_pool"] += 1
-        run = await run_in_threadpool(_create, validated, key, platform.dispatcher, workflow_id)
+    if loop_db is not None:  # written on a database server, awaited on the loop
+        run, statements = engine.plan_workflow(
+            validated, api_key_id=key.id, workflow_id=workflow_id
+        )
+        await loop_db.script(statements)
     else:
-        SUBMIT_PATHS["event_loop"] += 1
-        await sender.send_async(run.dispatches)
-        if run.status.terminal:  # every step skipped at once: wake its waiters
-            await run_in_threadpool(notify.publish_finished, run.id)
+        try:
+            with inline.active():
+                run = _create(validated, key, None, workflow_id)
+        except inline.WouldBlock:  # SQLite's write lock is taken: wait for it in the pool
+            SUBMIT_PATHS["thread_pool"] += 1
+            run = await run_in_threadpool(_create, validated, key, platform.dispatcher, workflow_id)
+            response.headers["Location"] = f"/v1/workflows/{run.id}"
+            return _summary(run)
+    SUBMIT_PATHS["event_loop"] += 1
+    await sender.send_async(run.dispatches)
+    if run.status.terminal:  # every step skipped at once: wake its waiters
+        await run_in_threadpool(notify.publish_finished, run.id)
     response.headers["Location"] = f"/v1/workflows/{run.id}"
     return _summary(run)
 
@@ -268,12 +281,16 @@ def _owned(session: SessionDep, key: ApiKeyDep, workflow_id: str) -> WorkflowRun
 
 
 async def _view(key_id: int | None, workflow_id: str) -> WorkflowPublic:
-    """A workflow's current view, read on the event loop where a read is an in-process
-    SQLite call (:func:`app.db.reads_in_process`), in the thread pool otherwise: a
-    database server's answer must never stall the loop."""
+    """A workflow's current view, read on the event loop: an in-process SQLite call
+    (:func:`app.db.reads_in_process`), or awaited on the loop's own PostgreSQL
+    connections (:mod:`app.loopdb`); in the thread pool when those are off."""
     if db.reads_in_process():
         return _fresh_view(key_id, workflow_id, on_loop=True)
-    return await run_in_threadpool(_fresh_view, key_id, workflow_id)
+    loop_db = loopdb.for_loop()
+    if loop_db is None:
+        return await run_in_threadpool(_fresh_view, key_id, workflow_id)
+    (found,) = await loop_db.script([(rows.VIEW, {"workflow_id": workflow_id})])
+    return _view_of(found, key_id, workflow_id)
 
 
 def _fresh_view(key_id: int | None, workflow_id: str, *, on_loop: bool = False) -> WorkflowPublic:
@@ -281,6 +298,10 @@ def _fresh_view(key_id: int | None, workflow_id: str, *, on_loop: bool = False) 
     params = {"workflow_id": workflow_id}
     with db.read_scope() if on_loop else db.connection_scope(autocommit=True) as conn:
         found = prepared.execute(conn, rows.VIEW, params)  # the workflow's columns on each row
+    return _view_of(found, key_id, workflow_id)
+
+
+def _view_of(found: prepared.Rows, key_id: int | None, workflow_id: str) -> WorkflowPublic:
     if not found or found[0].api_key_id != key_id:
         raise NotFoundError(f"no workflow {workflow_id!r}")
     return WorkflowPublic.of(
