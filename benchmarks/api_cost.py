@@ -1,13 +1,19 @@
-"""What the API's submit costs in process, and what the garbage collector adds to it.
+"""What the API's submit costs in process: on its event loop and in its thread pool, and
+what the garbage collector adds.
 
 Calls the ASGI app directly (no network, no uvicorn) with ``POST /v1/workflows`` for N
-one-step workflows on SQLite (the dispatcher records its sends; nothing runs), twice:
-with the start-up objects frozen as ``corral api`` does at start
-(:func:`app.core.process.freeze_startup_objects`) and without. Prints, per variant, the
-median and p99 submit, the CPU per submit, the slowest one, the collector's passes during
-the run by generation with their longest pause, and one forced full collection::
+one-step workflows (the dispatcher records its sends; nothing runs), on SQLite or, with
+``--database``, a PostgreSQL database it may migrate. Three variants, in turn: the submit
+as shipped (on the event loop: inline work on SQLite, awaited on the loop's own
+connections on PostgreSQL, :mod:`app.loopdb`; the start-up objects frozen as ``corral
+api`` does, :func:`app.core.process.freeze_startup_objects`), the same submit in the
+thread pool (a dispatcher that cannot send from the loop), and the shipped one without
+the freeze. With ``--rounds R`` the variants alternate R times and each cell is the
+median of its rounds. Prints, per variant, the median and p99 submit, the CPU per submit
+(every thread of this process), the slowest one, the collector's passes by generation
+with their longest pause, and one forced full collection::
 
-    python -m benchmarks.api_cost [--n 10000]
+    python -m benchmarks.api_cost [--n 10000] [--rounds 1] [--database URL]
 """
 
 from __future__ import annotations
@@ -17,19 +23,22 @@ import asyncio
 import gc
 import json
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from app import db, keys
+from app import db, keys, loopdb
+from app.api.routes.workflows import SUBMIT_PATHS
 from app.core.config import Settings, use_settings
 from app.core.process import freeze_startup_objects
 from app.embedded import EmbeddedRedis
+from app.engine import Dispatch
 from app.migrate import upgrade
 from benchmarks.engine_cost import SPEC, _Recorder
 from benchmarks.machine import describe
@@ -115,6 +124,7 @@ async def _measure(submit: Call, n: int, frozen: bool) -> dict[str, Any]:
     pauses = _Pauses()
     gc.callbacks.append(pauses)
     times: list[float] = []
+    on_loop = SUBMIT_PATHS["event_loop"]
     cpu0 = time.process_time()
     try:
         for _ in range(n):
@@ -124,9 +134,11 @@ async def _measure(submit: Call, n: int, frozen: bool) -> dict[str, Any]:
     finally:
         gc.callbacks.remove(pauses)
     cpu = time.process_time() - cpu0
+    on_loop = SUBMIT_PATHS["event_loop"] - on_loop
     times.sort()
     return {
         "frozen": frozen,
+        "on_loop": on_loop,
         "tracked_objects": tracked,
         "full_collection_ms": round(full_ms, 2),
         "median_ms": round(statistics.median(times) * 1000, 3),
@@ -145,28 +157,75 @@ async def _measure(submit: Call, n: int, frozen: bool) -> dict[str, Any]:
     }
 
 
-async def _run(n: int) -> list[dict[str, Any]]:
+class _LoopRecorder(_Recorder):
+    """Records sends, from the event loop too: the API submits there (as with Celery)."""
+
+    async def send_async(self, dispatches: Sequence[Dispatch]) -> None:
+        self.sent.extend(dispatches)
+
+
+# (column, on the loop, frozen): the shipped submit, the thread pool's, the shipped unfrozen.
+VARIANTS = [
+    ("event loop (as shipped)", True, True),
+    ("thread pool", False, True),
+    ("event loop, not frozen", True, False),
+]
+
+
+async def _run(n: int, rounds: int) -> list[dict[str, Any]]:
     from app.api.main import create_app
 
-    app = create_app(_Recorder())
     with db.session_scope(write=True) as session:
         _row, token = keys.create_key(session, "api-cost")
-    submit = _submitter(app, token)
-    for _ in range(200):  # warm: caches, compiled statements, the tokenizer
-        await submit()
-    return [await _measure(submit, n, frozen) for frozen in (True, False)]
+    submits = {
+        loop: _submitter(create_app(_LoopRecorder() if loop else _Recorder()), token)
+        for loop in (True, False)
+    }
+    for submit in submits.values():
+        for _ in range(200):  # warm: caches, compiled statements, the tokenizer
+            await submit()
+    runs: list[list[dict[str, Any]]] = [[] for _ in VARIANTS]
+    try:
+        for _ in range(rounds):
+            for i, (_name, loop, frozen) in enumerate(VARIANTS):
+                runs[i].append(await _measure(submits[loop], n, frozen))
+    finally:
+        await loopdb.close_loop()
+    return [_median_of(found) for found in runs]
+
+
+def _median_of(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's rounds as one: the median of each figure (the first's otherwise)."""
+    out = dict(found[0])
+    for key, value in found[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in found)
+    out["collections"] = [
+        {
+            k: statistics.median(r["collections"][g][k] for r in found)
+            for k in found[0]["collections"][g]
+        }
+        for g in range(3)
+    ]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=10_000, help="submits per variant")
+    p.add_argument("--n", type=int, default=10_000, help="submits per variant and round")
+    p.add_argument("--rounds", type=int, default=1, help="times the variants alternate")
+    p.add_argument(
+        "--database",
+        default=None,
+        help="a database URL to submit into (migrated); default a SQLite file of its own",
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="corral-api-cost-") as tmp:
         work = Path(tmp)
         make_tiny(work / "models")
         server = EmbeddedRedis(work / "redis", persist=False).start()
         settings = Settings(
-            database_url=f"sqlite:///{work / 'corral.db'}",
+            database_url=args.database or f"sqlite:///{work / 'corral.db'}",
             redis_url=server.url,
             models_dir=work / "models",
             data_dir=work / "data",
@@ -174,15 +233,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with use_settings(settings):
                 upgrade(settings.sqlalchemy_url)
-                results = asyncio.run(_run(args.n))
+                results = asyncio.run(_run(args.n, args.rounds))
                 machine = describe(settings.sqlalchemy_url, server.url)
                 db.dispose_engines()
         finally:
             server.stop()
-    table = Table(title=f"POST /v1/workflows through the ASGI app in process, n={args.n} each")
+    title = f"POST /v1/workflows through the ASGI app in process, n={args.n} each"
+    if args.rounds > 1:
+        title += f", median of {args.rounds} alternating rounds"
+    table = Table(title=title)
     table.add_column("")
-    for r in results:
-        table.add_column("frozen (as shipped)" if r["frozen"] else "not frozen")
+    for name, _loop, _frozen in VARIANTS:
+        table.add_column(name)
 
     def gcs(r: dict[str, Any], *gens: int) -> str:
         runs = [r["collections"][g] for g in gens]
@@ -192,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("objects the GC walks", lambda r: f"{r['tracked_objects']}"),
         ("one forced full GC", lambda r: f"{r['full_collection_ms']} ms"),
+        ("submits on the event loop", lambda r: f"{r['on_loop']} of {args.n}"),
         ("submit median", lambda r: f"{r['median_ms']} ms"),
         ("submit p99", lambda r: f"{r['p99_ms']} ms"),
         ("slowest submit", lambda r: f"{r['max_ms']} ms"),
@@ -201,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, cell in rows:
         table.add_row(label, *(cell(r) for r in results))
-    Console().print(table)
+    (Console() if sys.stdout.isatty() else Console(width=150)).print(table)
     print(
         f"machine: {machine['cpu']}, {machine['cores']} cores; python {machine['python']}, "
         f"fastapi {machine['fastapi']}, sqlalchemy {machine['sqlalchemy']}, "
