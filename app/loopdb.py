@@ -67,7 +67,7 @@ class LoopDatabase:
         self._idle: deque[_Slot] = deque()
         self._room = asyncio.Semaphore(size)
         self._open: set[_Slot] = set()
-        self.connects = 0  # connections made so far (tests, /metrics)
+        self.connects = 0  # connections made so far
 
     async def script(
         self,

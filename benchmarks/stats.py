@@ -44,25 +44,30 @@ def ratio(a: float, b: float, digits: int = 3) -> float | None:
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, user + system CPU seconds) of ``pid``."""
+def _stat(pid: int, *, reaped: bool = False) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of ``pid``; with ``reaped``, plus the CPU
+    of its children that have exited and been waited for (a database server's backends
+    that closed, a pool process replaced), which leaves the tree with them otherwise."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = raw[raw.rindex(")") + 2 :].split()
-    # After the command: state ppid ... utime(12th) stime(13th), counted from state = 0.
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+    # After the command: state ppid ... utime(12th) stime(13th) cutime cstime, from state = 0.
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return int(fields[1]), ticks / _TICK
 
 
-def _all_stats() -> dict[int, tuple[int, float]] | None:
+def _all_stats(*, reaped: bool = False) -> dict[int, tuple[int, float]] | None:
     proc = Path("/proc")
     if not proc.is_dir():
         return None
     stats: dict[int, tuple[int, float]] = {}
     for entry in proc.iterdir():
         if entry.name.isdigit():
-            st = _stat(int(entry.name))
+            st = _stat(int(entry.name), reaped=reaped)
             if st is not None:
                 stats[int(entry.name)] = st
     return stats
@@ -99,8 +104,9 @@ def run_s(pids: Iterable[int]) -> float:
 
 
 def tree_cpu_s(roots: Iterable[int]) -> float | None:
-    """CPU seconds used so far by ``roots`` and every live descendant (pool processes)."""
-    stats = _all_stats()
+    """CPU seconds used so far by ``roots`` and their descendants (pool processes, a
+    server's backends): the live ones', and those that exited and were waited for."""
+    stats = _all_stats(reaped=True)
     if stats is None:
         return None
     children: dict[int, list[int]] = {}

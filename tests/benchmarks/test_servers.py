@@ -7,6 +7,8 @@ processes it forks (PostgreSQL's backends). Real servers, real work, real /proc.
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import redis
 
@@ -53,4 +55,23 @@ def test_the_database_server_is_counted_with_its_backends(settings: Settings) ->
         assert backend[0] in children_of(postmaster)
         with CpuMeter([postmaster]) as cpu:
             conn.execute("SELECT count(*) FROM generate_series(1, 3000000)").fetchone()
+    assert cpu.used_s is not None and cpu.used_s > 0.05
+
+
+def test_a_backend_that_exits_inside_the_block_is_still_counted(settings: Settings) -> None:
+    """A connection opened, worked and closed within the block: its backend has exited
+    (and the server waited for it) by the block's end, and its CPU is in the count."""
+    if not settings.sqlalchemy_url.startswith("postgresql"):
+        return  # no server: nothing exits
+    postmaster = local_servers(settings)["database"]
+    url = settings.sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://")
+    with CpuMeter([postmaster]) as cpu:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            conn.execute("SELECT count(*) FROM generate_series(1, 3000000)").fetchone()
+        deadline = time.monotonic() + 10
+        while row[0] in children_of(postmaster) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert row[0] not in children_of(postmaster)  # gone, and waited for
     assert cpu.used_s is not None and cpu.used_s > 0.05
