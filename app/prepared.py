@@ -293,15 +293,12 @@ def _simple_query(
         query = Query.compose(dialect, cursor.mogrify, statements, names, begin, commit)
         if query.text:
             cursor.execute(query.text)
-        if names is not None:
-            names.update(query.new)
-        out = query.empty()
+        fetched = []
         for i, reader in enumerate(query.readers):
             if i:
                 cursor.nextset()
-            if reader is not None:
-                out[reader[0]].extend(reader[1].rows(cursor.fetchall()))
-        return out
+            fetched.append(cursor.fetchall() if reader is not None else None)
+        return query.collect(fetched, names)
     except dialect.loaded_dbapi.Error as exc:
         # Nothing was sent if the query could not be composed (a value psycopg refused).
         lost = query is not None and (
@@ -334,15 +331,12 @@ async def script_async(
         query = Query.compose(dialect, cursor.mogrify, statements, names, begin, commit)
         if query.text:
             await cursor.execute(query.text)
-        if names is not None:
-            names.update(query.new)
-        out = query.empty()
+        fetched = []
         for i, reader in enumerate(query.readers):
             if i:
                 cursor.nextset()
-            if reader is not None:
-                out[reader[0]].extend(reader[1].rows(await cursor.fetchall()))
-        return out
+            fetched.append(await cursor.fetchall() if reader is not None else None)
+        return query.collect(fetched, names)
     except psycopg.Error as exc:
         raise DBAPIError.instance(
             query.sql if query else "",
@@ -368,8 +362,19 @@ class Query:
     sql: str  # the statements unbound, for an error: no values in a message
     count: int  # statements in the script
 
-    def empty(self) -> list[Rows]:
-        return [Rows() for _ in range(self.count)]
+    def collect(
+        self, fetched: Sequence[Sequence[Any] | None], names: set[str] | None
+    ) -> list[Rows]:
+        """Each statement's rows from what each statement of the text returned (None for
+        one that returns none); ``names`` (the session's prepared statements) gains the
+        ones this text prepared."""
+        if names is not None:
+            names.update(self.new)
+        out = [Rows() for _ in range(self.count)]
+        for reader, raw in zip(self.readers, fetched, strict=True):
+            if reader is not None and raw is not None:
+                out[reader[0]].extend(reader[1].rows(raw))
+        return out
 
     @classmethod
     def compose(

@@ -32,7 +32,7 @@ from app.core.config import Settings, use_settings
 from app.dispatch import SENT_PREFIX, CeleryDispatcher, reconcile, sent_attempts
 from app.embedded import EmbeddedRedis
 from app.tables import StepStatus
-from tests.utils.asgi import api
+from tests.utils.asgi import api, submit_while_held
 from tests.utils.recording import RecordingDispatcher
 
 SPEC: dict[str, Any] = {
@@ -154,16 +154,8 @@ def test_a_submit_that_finds_sqlite_locked_waits_in_the_thread_pool(
             await client.post("/v1/workflows", json=SPEC)  # loads the vocabulary, the pool view
             before = dict(SUBMIT_PATHS)
             with sqlite_lock_held(how) as release:
-                submit = asyncio.create_task(
-                    client.post("/v1/workflows", json={**SPEC, "name": name})
-                )
-                await asyncio.sleep(0.3)
                 # The loop is free: it answers while the submit waits for the lock.
-                health = await asyncio.wait_for(client.get("/healthz"), 5)
-                assert health.status_code == 200
-                waited = not submit.done()
-                release()
-                resp = await asyncio.wait_for(submit, 30)
+                waited, resp = await submit_while_held(client, {**SPEC, "name": name}, release)
             assert resp.status_code == 202, resp.text
             return resp.status_code, paths_after(before), waited
 

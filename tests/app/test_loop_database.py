@@ -23,24 +23,11 @@ from app import db, loopdb, prepared, rows
 from app.api.routes.workflows import SUBMIT_PATHS
 from app.core.config import Settings, get_settings, use_settings
 from app.tables import new_id
-from tests.utils.asgi import api
+from tests.utils.asgi import CHAINED, api, submit_while_held
 from tests.utils.engine_rows import run_row
 from tests.utils.recording import RecordingDispatcher
 
-SPEC: dict[str, Any] = {
-    "name": "on-the-loop",
-    "steps": [
-        {"id": "a", "kind": "generate", "model": "tiny-chat", "input": {"prompt": "hi"}},
-        {
-            "id": "b",
-            "kind": "generate",
-            "model": "tiny-chat",
-            "input": {"prompt": "{{ steps.a.output.text }}"},
-            "depends_on": ["a"],
-            "when": "steps.a.status == 'succeeded'",
-        },
-    ],
-}
+SPEC: dict[str, Any] = {**CHAINED, "name": "on-the-loop"}
 # What differs between two submits of the same spec: ids, times, the key.
 _VOLATILE = {"id", "workflow_id", "api_key_id", "created_at", "updated_at", "queued_at"}
 
@@ -138,15 +125,9 @@ def test_the_loop_answers_while_the_server_makes_a_submit_wait(pg: Settings) -> 
             before = dict(SUBMIT_PATHS)
             with psycopg.connect(pg.database_url or "", autocommit=False) as locker:
                 locker.execute("LOCK TABLE workflow_run IN ACCESS EXCLUSIVE MODE")
-                submit = asyncio.create_task(
-                    client.post("/v1/workflows", json={**SPEC, "name": name})
+                waited, resp = await submit_while_held(
+                    client, {**SPEC, "name": name}, locker.rollback
                 )
-                await asyncio.sleep(0.3)
-                health = await asyncio.wait_for(client.get("/healthz"), 5)
-                assert health.status_code == 200
-                waited = not submit.done()
-                locker.rollback()
-            resp = await asyncio.wait_for(submit, 30)
             return waited, resp.status_code, _paths(before)
 
     waited, status, paths = asyncio.run(scenario())

@@ -10,22 +10,10 @@ from sqlalchemy import update
 
 from app import db, rows
 from app.core.config import Settings
-from tests.utils.asgi import api
+from tests.utils.asgi import CHAINED, api
 from tests.utils.recording import RecordingDispatcher
 
-SPEC = {
-    "name": "read-while-writing",
-    "steps": [
-        {"id": "a", "kind": "generate", "model": "tiny-chat", "input": {"prompt": "hi"}},
-        {
-            "id": "b",
-            "kind": "generate",
-            "model": "tiny-chat",
-            "input": {"prompt": "{{ steps.a.output.text }}"},
-            "depends_on": ["a"],
-        },
-    ],
-}
+SPEC = {**CHAINED, "name": "read-while-writing"}
 
 
 def test_a_status_read_answers_while_a_writer_holds_the_lock(settings: Settings) -> None:

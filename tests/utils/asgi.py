@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,3 +30,34 @@ async def api(dispatcher: Any, name: str = "asgi") -> AsyncIterator[httpx.AsyncC
             yield client
     finally:
         await loopdb.close_loop()
+
+
+async def submit_while_held(
+    client: httpx.AsyncClient, spec: dict[str, Any], release: Callable[[], object]
+) -> tuple[bool, httpx.Response]:
+    """Submit ``spec`` while something holds its write back; check that the loop answers
+    ``/healthz`` meanwhile; then ``release`` it. Whether the submit was still waiting when
+    released, and its answer."""
+    submit = asyncio.create_task(client.post("/v1/workflows", json=spec))
+    await asyncio.sleep(0.3)
+    health = await asyncio.wait_for(client.get("/healthz"), 5)
+    assert health.status_code == 200
+    waited = not submit.done()
+    release()
+    return waited, await asyncio.wait_for(submit, 30)
+
+
+# Two steps, the second reading the first's output.
+CHAINED: dict[str, Any] = {
+    "name": "chained",
+    "steps": [
+        {"id": "a", "kind": "generate", "model": "tiny-chat", "input": {"prompt": "hi"}},
+        {
+            "id": "b",
+            "kind": "generate",
+            "model": "tiny-chat",
+            "input": {"prompt": "{{ steps.a.output.text }}"},
+            "depends_on": ["a"],
+        },
+    ],
+}
