@@ -43,6 +43,7 @@ class StepWork:
     started_at: datetime
     claimed: bool = True  # False until mark_running (or never: the result claims it)
     input_error: str | None = None
+    seen: rows.Seen | None = None  # the workflow's states when it was taken (PostgreSQL)
 
 
 def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
@@ -67,6 +68,8 @@ def mark_running(work: StepWork) -> bool:
     with db.connection_scope(write=True, autocommit=True) as conn:
         marked = prepared.execute(conn, rows.MARK_RUNNING, params).first() is not None
     work.claimed = marked
+    if work.seen is not None:  # the states its result settles against include the claim
+        work.seen = work.seen.running(work.attempt) if marked else None
     return marked
 
 
@@ -77,13 +80,27 @@ def _take(step_run_id: str, attempt: int, *, claim: bool) -> StepWork | None:
     # only write and what else is read no longer changes (the spec; finished steps), so on
     # a database server it runs without a transaction around it: one round trip. Without
     # the claim it is the same conditions as a read.
+    #
+    # On a database server the same round trip reads the workflow's states, which its
+    # result may then settle against in memory (:class:`app.rows.Seen`): the result is
+    # one round trip instead of two. A script without BEGIN is one implicit transaction,
+    # so after a claim they include it. SQLite reads in process: no round trip to save.
     now = utcnow()
     with db.connection_scope(write=claim, autocommit=True) as conn:
-        stmt = rows.CLAIM if claim else rows.OPEN
-        taken = prepared.execute(conn, stmt, rows.claim_params(step_run_id, attempt, now)).first()
+        statements: list[prepared.Statement] = [
+            (rows.CLAIM if claim else rows.OPEN, rows.claim_params(step_run_id, attempt, now))
+        ]
+        if conn.dialect.name == "postgresql":
+            by_step = {"step_run_id": step_run_id}
+            statements += [(rows.WORKFLOW_BY_STEP, by_step), (rows.STEPS_BY_STEP, by_step)]
+        found_rows = prepared.script(conn, statements)
+        taken = found_rows[0].first()
         if taken is None:
             _log_stale(conn, step_run_id, attempt)
             return None
+        seen = None
+        if len(found_rows) == 3 and found_rows[1]:
+            seen = rows.Seen.of(found_rows[1][0], found_rows[2])
         workflow_id, step_id, kind, model, queued_at, error, spec_json = taken
         spec = specs.cached(workflow_id) or specs.remember(workflow_id, json.loads(spec_json))
         # The steps its templates may read are finished: their rows no longer change.
@@ -119,6 +136,7 @@ def _take(step_run_id: str, attempt: int, *, claim: bool) -> StepWork | None:
         queued_ms=((now - queued_at).total_seconds() * 1000) if queued_at else 0.0,
         started_at=now,
         claimed=claim,
+        seen=seen,
     )
     # Rendered after the commit: what it reads no longer changes.
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from jinja2 import TemplateError
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, select
 
 from app import db, notify, prepared, rows, specs
@@ -63,7 +65,7 @@ class AsyncDispatcher(Protocol):
 class _Tx:
     """One engine transaction on a workflow: its row, its steps as read, what to send."""
 
-    conn: Connection | None  # None while create_workflow settles a run not yet written
+    conn: Connection | None  # None while a run is settled in memory (plan, as seen)
     workflow: WorkflowState
     dispatches: list[Dispatch] = field(default_factory=list)
     step_id: str | None = None  # the spec id of the step _locked was given, if any
@@ -77,8 +79,11 @@ class _Tx:
 
     @property
     def db(self) -> Connection:
-        """The transaction's connection (a run already written has one)."""
-        assert self.conn is not None
+        """The transaction's connection (a run already written has one, unless its result
+        is settled in memory against what the worker saw: that settle needs no read)."""
+        if self.conn is None:
+            assert self.persisted, "a run being created is settled without reads"
+            raise _NeedsRead(self.workflow.id)
         return self.conn
 
     def commit(self) -> None:
@@ -89,6 +94,11 @@ class _Tx:
 
 class _StepGone(NotFoundError):
     """The step run a task names does not exist (any more)."""
+
+
+class _NeedsRead(Exception):
+    """A settle in memory (:func:`_complete_as_seen`) needed a read: a condition's inputs,
+    a failed step's error. The result takes the locked path instead."""
 
 
 @contextmanager
@@ -125,6 +135,11 @@ def _locked(
         was_terminal = status.terminal
         yield tx
         tx.commit()
+    _committed(tx, was_terminal, dispatcher)
+
+
+def _committed(tx: _Tx, was_terminal: bool, dispatcher: Dispatcher | None) -> None:
+    """What goes out after a transaction's commit: its sends, and the "finished" notice."""
     if tx.dispatches and dispatcher is not None:
         dispatcher.send(tx.dispatches)
     if tx.workflow.status.terminal and not was_terminal:
@@ -254,16 +269,20 @@ def find_idempotent(session: Session, api_key_id: int | None, key: str) -> Workf
     ).first()
 
 
+_KNOWN = frozenset({"output", "error"})  # what a condition reads of a step, besides its status
+
+
 def _context(tx: _Tx, steps: dict[str, StepState], step_id: str) -> dict[str, Any]:
     """What a condition of ``step_id`` may read: the workflow and the steps above it.
 
-    Columns this transaction changed come from memory; the rest (earlier outputs) are
-    read, for those steps only.
+    Columns this transaction changed come from memory (a result's output and error); the
+    rest (earlier outputs) are read, for those steps only.
     """
     ancestors = specs.ancestors(specs.spec_of(tx.conn, tx.workflow.id).steps, step_id)
     found: dict[str, dict[str, Any]] = {}
-    if ancestors and tx.persisted:
-        params = {"workflow_id": tx.workflow.id, "step_ids": sorted(ancestors)}
+    unknown = [a for a in sorted(ancestors) if not steps[a].changed.keys() >= _KNOWN]
+    if unknown and tx.persisted:
+        params = {"workflow_id": tx.workflow.id, "step_ids": unknown}
         for sid, status, output, attempts, error in tx.db.execute(rows.CONTEXT, params):
             found[sid] = {"status": status, "output": output, "attempts": attempts, "error": error}
     context: dict[str, dict[str, Any]] = {}
@@ -371,19 +390,80 @@ def complete_step(
     dispatcher: Dispatcher,
     *,
     started_at: datetime | None = None,
+    seen: rows.Seen | None = None,
 ) -> bool:
     """Store a step's output and advance; False when this attempt no longer owns the step.
-    ``started_at``: when the worker started it, for a step it never marked running."""
+    ``started_at``: when the worker started it, for a step it never marked running.
+    ``seen``: the workflow's states as the worker read them (PostgreSQL), to store the
+    result in one round trip while they still hold (:func:`_complete_as_seen`)."""
+    if seen is not None:
+        stored = _complete_as_seen(seen, attempt, output, dispatcher, started_at)
+        if stored is not None:
+            return stored
     with _locked(None, dispatcher, step_run_id=step_run_id) as tx:
-        steps = tx.steps()
-        step = steps[str(tx.step_id)]
-        if not _owns(tx, step, attempt, started_at):
-            return False
-        now = utcnow()
-        step.set(status=StepStatus.succeeded, output=output, error=None)
-        step.set(finished_at=now, updated_at=now)
-        _settle(tx, steps)
-        return True
+        return _succeed(tx, attempt, output, started_at)
+
+
+def _succeed(tx: _Tx, attempt: int, output: dict[str, Any], started_at: datetime | None) -> bool:
+    steps = tx.steps()
+    step = steps[str(tx.step_id)]
+    if not _owns(tx, step, attempt, started_at):
+        return False
+    now = utcnow()
+    step.set(status=StepStatus.succeeded, output=output, error=None)
+    step.set(finished_at=now, updated_at=now)
+    _settle(tx, steps)
+    return True
+
+
+# In this process: results stored in one round trip against what their worker saw, and
+# those whose states had changed by then (then stored by the locked path).
+SEEN_RESULTS: Counter[str] = Counter()
+
+
+def _complete_as_seen(
+    seen: rows.Seen,
+    attempt: int,
+    output: dict[str, Any],
+    dispatcher: Dispatcher,
+    started_at: datetime | None,
+) -> bool | None:
+    """Store a result in one round trip to the database server; None when the locked path
+    must decide instead.
+
+    The locked path makes two: the lock and the read of the steps, then the writes and
+    the ``COMMIT``. Here the steps are the ones the worker read when it took the step
+    (:class:`app.rows.Seen`), settled in memory as the locked path would settle them, and
+    one script locks the workflow, checks that its states are still those
+    (:data:`app.rows.UNCHANGED`, which fails the script otherwise) and writes. A script
+    without ``BEGIN`` is one implicit transaction, so a failed check writes nothing; the
+    locked path then reads and settles again. A settle that needs a read (a condition's
+    inputs) takes the locked path before anything is sent.
+    """
+    workflow, steps = seen.states()
+    if specs.cached(workflow.id) is None:
+        return None  # the spec left this process's cache: read it under the lock
+    tx = _Tx(None, workflow, step_id=seen.step_id, rows=steps)
+    try:
+        if not _succeed(tx, attempt, output, started_at):
+            return None  # not this attempt's by what was seen: the locked path decides
+    except (_NeedsRead, specs.NotCached):
+        return None
+    check = {"workflow_id": workflow.id, "seen": seen.text()}
+    writes = rows.writes(tx.workflow, steps.values())
+    try:
+        with db.connection_scope(write=True, explicit=True) as conn:
+            lock = (rows.LOCK_BY_ID, {"workflow_id": workflow.id})
+            prepared.script(conn, [lock, (rows.UNCHANGED, check), *writes])
+    except DBAPIError as exc:
+        if rows.STATES_CHANGED not in str(exc.orig):
+            raise
+        SEEN_RESULTS["changed"] += 1
+        log.debug("workflow %s changed since its step was taken: %s", workflow.id, exc.orig)
+        return None
+    SEEN_RESULTS["stored"] += 1
+    _committed(tx, False, dispatcher)
+    return True
 
 
 def fail_step(

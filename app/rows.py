@@ -17,14 +17,31 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, Text, and_, bindparam, insert, or_, select, update
+from sqlalchemy import (
+    Integer,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.elements import BindParameter
 
 from app.prepared import Statement
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
+# What :data:`UNCHANGED`'s error says (``invalid input syntax for type integer: "…"``).
+STATES_CHANGED = "corral: the states a result was settled against changed: "
 
 STEP = cast(Table, getattr(StepRun, "__table__"))  # noqa: B009 (SQLModel does not type it)
 WORKFLOW = cast(Table, getattr(WorkflowRun, "__table__"))  # noqa: B009
@@ -68,12 +85,13 @@ class StepState:
 
 # ---- reads --------------------------------------------------------------------------
 
-LOCK_BY_STEP = (
+# A workflow found through one of its steps (with that step's spec id); locked to write.
+WORKFLOW_BY_STEP = (
     select(_w.id, _w.name, _w.status, _s.step_id)
     .select_from(WORKFLOW.join(STEP, _s.workflow_id == _w.id))
     .where(_s.id == bindparam("step_run_id"))
-    .with_for_update(of=WORKFLOW)
 )
+LOCK_BY_STEP = WORKFLOW_BY_STEP.with_for_update(of=WORKFLOW)
 LOCK_BY_ID = (
     select(_w.id, _w.name, _w.status).where(_w.id == bindparam("workflow_id")).with_for_update()
 )
@@ -126,6 +144,83 @@ VIEW = (
     .select_from(WORKFLOW.outerjoin(STEP, _s.workflow_id == _w.id))
     .where(_w.id == bindparam("workflow_id"))
     .order_by(_s.position)
+)
+
+# ---- a workflow's states as a worker saw them ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """A workflow's states as a worker read them when it took a step, with no lock: what
+    the step's result settles against in memory (:func:`app.engine.complete_step`), and
+    then checks, under the workflow's lock and in the same round trip as its writes, with
+    :data:`UNCHANGED`. Read on PostgreSQL only, for a step that no other step of its
+    workflow runs beside (a chain's next step, a one-step workflow)."""
+
+    workflow: tuple[str, str, WorkflowStatus]  # id, name, status
+    step_id: str  # the spec id of the step taken
+    steps: tuple[tuple[Any, ...], ...]  # StepState's columns, in step order
+
+    @classmethod
+    def of(cls, workflow: Any, steps: Iterable[Any]) -> Seen | None:
+        """From :data:`WORKFLOW_BY_STEP`'s row and :data:`STEPS_BY_STEP`'s; None when
+        another step of the workflow is queued or running beside this one (its result
+        would change the states before this one's is stored)."""
+        wid, name, status, step_id = workflow
+        found = tuple(tuple(s) for s in steps)
+        busy = [s for s in found if s[1] != step_id and (s[3] in SENDABLE or s[3] == "running")]
+        if busy or status != WorkflowStatus.running:
+            return None
+        return cls((wid, name, WorkflowStatus(status)), step_id, found)
+
+    def states(self) -> tuple[WorkflowState, dict[str, StepState]]:
+        """Fresh in-memory states to settle (each call its own copies)."""
+        steps = {
+            s[1]: StepState(s[0], s[1], s[2], StepStatus(s[3]), s[4], s[5]) for s in self.steps
+        }
+        return WorkflowState(*self.workflow), steps
+
+    def running(self, attempt: int) -> Seen:
+        """The same states after this worker marked its step running for ``attempt``."""
+        steps = tuple(
+            (s[0], s[1], s[2], StepStatus.running, attempt, s[5]) if s[1] == self.step_id else s
+            for s in self.steps
+        )
+        return Seen(self.workflow, self.step_id, steps)
+
+    def text(self) -> str:
+        """The states as :data:`UNCHANGED` writes them on the server."""
+        steps = ",".join(f"{s[0]}:{StepStatus(s[3]).value}:{s[4]}" for s in self.steps)
+        return f"{WorkflowStatus(self.workflow[2]).value}|{steps}"
+
+
+_WID: BindParameter[str] = bindparam("workflow_id")
+# The workflow's status and its steps' (id, status, attempts) in step order, as text.
+_STATES = func.concat_ws(
+    "|",
+    select(_w.status).where(_w.id == _WID).scalar_subquery(),
+    select(
+        func.string_agg(
+            func.concat_ws(":", _s.id, _s.status, _s.attempts),
+            aggregate_order_by(literal_column("','"), _s.position),
+        )
+    )
+    .where(_s.workflow_id == _WID)
+    .scalar_subquery(),
+)
+# PostgreSQL only. Run after the workflow's lock, in the script that writes a result
+# settled against :class:`Seen`: an error when the states are no longer ``seen``, which
+# rolls the whole script back (one implicit transaction). SQL has no RAISE outside a
+# function, so the error is a cast of text to integer; the text holds the states found
+# (data, so the planner cannot fold the cast and fail a script whose states match).
+UNCHANGED = select(
+    sql_cast(
+        case(
+            (bindparam("seen") == _STATES, literal_column("'1'")),
+            else_=func.concat(literal_column(f"'{STATES_CHANGED}'"), _STATES),
+        ),
+        Integer,
+    )
 )
 
 # ---- the claim ----------------------------------------------------------------------

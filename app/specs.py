@@ -56,12 +56,18 @@ def forget_all() -> None:
         _SPECS.clear()
 
 
+class NotCached(LookupError):
+    """A spec asked for without a connection to read it is not in this process's cache."""
+
+
 def spec_of(conn: Connection | None, workflow_id: str) -> Spec:
     """A workflow's parsed spec: from this process's cache, else read once and kept
-    (``conn`` None: a run being created, whose spec is in the cache)."""
+    (``conn`` None: a run being created, or a result settled in memory, whose spec is in
+    the cache unless evicted since: :class:`NotCached`)."""
     spec = cached(workflow_id)
     if spec is None:
-        assert conn is not None, workflow_id
+        if conn is None:
+            raise NotCached(workflow_id)
         raw = conn.execute(rows.SPEC, {"workflow_id": workflow_id}).scalar_one()
         spec = remember(workflow_id, dict(raw))
     return spec

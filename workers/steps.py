@@ -149,6 +149,6 @@ def run_step(
         )
         return str(status)
     stored = engine.complete_step(
-        step_run_id, attempt, output, dispatcher, started_at=work.started_at
+        step_run_id, attempt, output, dispatcher, started_at=work.started_at, seen=work.seen
     )
     return "succeeded" if stored else "discarded"

@@ -49,9 +49,13 @@ def workflow(workflow_id: str) -> WorkflowRun:
 
 
 def run_ok(d: Dispatch, dispatcher: RecordingDispatcher, text: str = "ok") -> None:
+    """Claim and finish a step as a worker does (on PostgreSQL, with what it saw)."""
     work = claims.claim_step(d.step_run_id, d.attempt)
     assert work is not None
-    assert engine.complete_step(d.step_run_id, d.attempt, {"text": text}, dispatcher)
+    stored = engine.complete_step(
+        d.step_run_id, d.attempt, {"text": text}, dispatcher, seen=work.seen
+    )
+    assert stored
 
 
 def test_roots_are_dispatched_after_commit(
