@@ -91,18 +91,16 @@ def _take(step_run_id: str, attempt: int, *, claim: bool) -> StepWork | None:
             (rows.CLAIM if claim else rows.OPEN, rows.claim_params(step_run_id, attempt, now))
         ]
         if conn.dialect.name == "postgresql":
-            by_step = {"step_run_id": step_run_id}
-            statements += [(rows.WORKFLOW_BY_STEP, by_step), (rows.STEPS_BY_STEP, by_step)]
+            statements.append((rows.STEPS_BY_STEP, {"step_run_id": step_run_id}))
         found_rows = prepared.script(conn, statements)
         taken = found_rows[0].first()
         if taken is None:
             _log_stale(conn, step_run_id, attempt)
             return None
-        seen = None
-        if len(found_rows) == 3 and found_rows[1]:
-            seen = rows.Seen.of(found_rows[1][0], found_rows[2])
         workflow_id, step_id, kind, model, queued_at, error, spec_json = taken
         spec = specs.cached(workflow_id) or specs.remember(workflow_id, json.loads(spec_json))
+        # Taken: the workflow was running (a condition of the claim and of the read).
+        seen = rows.Seen.of(workflow_id, spec.name, step_id, found_rows[1:])
         # The steps its templates may read are finished: their rows no longer change.
         above = specs.ancestors(spec.steps, step_id)
         found = (

@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import BindParameter
 
-from app.prepared import Statement
+from app.prepared import Rows, Statement
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
@@ -85,13 +85,12 @@ class StepState:
 
 # ---- reads --------------------------------------------------------------------------
 
-# A workflow found through one of its steps (with that step's spec id); locked to write.
-WORKFLOW_BY_STEP = (
+LOCK_BY_STEP = (
     select(_w.id, _w.name, _w.status, _s.step_id)
     .select_from(WORKFLOW.join(STEP, _s.workflow_id == _w.id))
     .where(_s.id == bindparam("step_run_id"))
+    .with_for_update(of=WORKFLOW)
 )
-LOCK_BY_STEP = WORKFLOW_BY_STEP.with_for_update(of=WORKFLOW)
 LOCK_BY_ID = (
     select(_w.id, _w.name, _w.status).where(_w.id == bindparam("workflow_id")).with_for_update()
 )
@@ -162,16 +161,17 @@ class Seen:
     steps: tuple[tuple[Any, ...], ...]  # StepState's columns, in step order
 
     @classmethod
-    def of(cls, workflow: Any, steps: Iterable[Any]) -> Seen | None:
-        """From :data:`WORKFLOW_BY_STEP`'s row and :data:`STEPS_BY_STEP`'s; None when
-        another step of the workflow is queued or running beside this one (its result
-        would change the states before this one's is stored)."""
-        wid, name, status, step_id = workflow
-        found = tuple(tuple(s) for s in steps)
-        busy = [s for s in found if s[1] != step_id and (s[3] in SENDABLE or s[3] == "running")]
-        if busy or status != WorkflowStatus.running:
+    def of(cls, workflow_id: str, name: str, step_id: str, steps: list[Rows]) -> Seen | None:
+        """The states of a running workflow, from :data:`STEPS_BY_STEP`'s rows (none
+        where they were not read: SQLite); None when another step of the workflow is
+        queued or running beside ``step_id`` (its result would change the states before
+        this one's is stored)."""
+        if not steps:
             return None
-        return cls((wid, name, WorkflowStatus(status)), step_id, found)
+        found = tuple(tuple(s) for s in steps[0])
+        if any(s[1] != step_id and (s[3] in SENDABLE or s[3] == "running") for s in found):
+            return None
+        return cls((workflow_id, name, WorkflowStatus.running), step_id, found)
 
     def states(self) -> tuple[WorkflowState, dict[str, StepState]]:
         """Fresh in-memory states to settle (each call its own copies)."""

@@ -5,7 +5,9 @@ worker's claim (a read of the step, or with ``CORRAL_CLAIM_AFTER_S=0`` its claim
 before the model runs), its result, and the client's status read. This runs those calls for N
 one-step workflows in this process (no HTTP, no broker: the dispatcher records its sends)
 and prints, per call, the median wall time, the mean CPU time, and how many statements,
-transactions and (on a database server) round trips it made::
+transactions and (on a database server) round trips it made. On a database server every
+other result takes the locked path instead of the one round trip its claim's read allows
+(the row ``result, locked``), side by side::
 
     python -m benchmarks.engine_cost [--n 300] [--database postgresql://…] [--rtt-ms MS]
                                      [--compare]
@@ -36,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import event
 
-from app import claims, db, engine, prepared, specs
+from app import claims, db, engine, prepared, rows, specs
 from app.api.routes.workflows import _fresh_view
 from app.core.config import Settings, get_settings, use_settings
 from app.embedded import EmbeddedRedis
@@ -57,6 +60,7 @@ from models.catalog import load_catalog
 from models.tiny import make_tiny
 
 CALLS = ("submit", "claim", "result", "read")
+LOCKED = "result, locked"  # a result without the states its claim read: two round trips
 SPEC = {
     "name": "engine-cost",
     "steps": [
@@ -159,6 +163,7 @@ class _OneWorkflow:
         self.run_id = ""
         self.step: Dispatch | None = None
         self.started_at: datetime | None = None
+        self.seen: rows.Seen | None = None
 
     def submit(self) -> None:
         sent = _Recorder()
@@ -173,9 +178,9 @@ class _OneWorkflow:
         work = take(self.step.step_run_id, self.step.attempt)
         if work is None:
             raise RuntimeError("the claim was refused")
-        self.started_at = work.started_at
+        self.started_at, self.seen = work.started_at, work.seen
 
-    def result(self) -> None:
+    def result(self, *, as_seen: bool = True) -> None:
         assert self.step is not None
         done = engine.complete_step(
             self.step.step_run_id,
@@ -183,6 +188,8 @@ class _OneWorkflow:
             {"text": "ok"},
             _Recorder(),
             started_at=self.started_at,
+            # The workflow's states as the claim read them (PostgreSQL), as a worker does.
+            seen=self.seen if as_seen else None,
         )
         if not done:
             raise RuntimeError("the result was refused")
@@ -208,27 +215,30 @@ def _server(settings: Settings) -> int | None:
 
 def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str, float | None]]:
     """Per call: median wall ms, mean CPU ms (this process, and a local database server's
-    processes); statements, transactions and (on a server database) round trips per call."""
-    wall: dict[str, list[float]] = {c: [] for c in CALLS}
-    cpu = dict.fromkeys(CALLS, 0.0)
-    server_cpu = dict.fromkeys(CALLS, 0.0)
-    statements = dict.fromkeys(CALLS, 0)
-    transactions = dict.fromkeys(CALLS, 0)
-    round_trips = dict.fromkeys(CALLS, 0)
+    processes); statements, transactions and (on a server database) round trips per call.
+
+    On a server database every other workflow's result takes the locked path (``seen``
+    not given: a lock and read, then the writes), the row ``result, locked``: what the
+    one-round-trip result (``result``) saves, side by side."""
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    server_cpu: dict[str, list[float]] = {}
+    counted: dict[str, list[tuple[int, int, int]]] = {}
     counts = _Counts()
     with use_settings(settings), _counting(counts):
         upgrade(settings.sqlalchemy_url)
         catalog = load_catalog(settings.catalog_path)
         root = _server(settings)
-        for i in range(warmup + n):
+        for i in range(warmup + (2 * n if root is not None else n)):
             # The server's processes: its backends (one per pooled connection) and the
             # writers (WAL, background) that a commit wakes.
             server = [root, *stats.children_of(root)] if root is not None else []
             one = _OneWorkflow(validate_workflow(SPEC, catalog, settings))
+            locked = root is not None and i % 2 == 1
             calls: dict[str, Callable[[], Any]] = {
                 "submit": one.submit,
                 "claim": one.claim,
-                "result": one.result,
+                LOCKED if locked else "result": partial(one.result, as_seen=not locked),
                 "read": one.read,
             }
             for name, call in calls.items():
@@ -240,23 +250,28 @@ def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str,
                 c1, t1 = _cpu_ms(), time.perf_counter()
                 r1 = stats.run_s(server)
                 if i >= warmup:
-                    wall[name].append((t1 - t0) * 1000)
-                    cpu[name] += (c1 - c0) / n
-                    server_cpu[name] += (r1 - r0) * 1000 / n
-                    statements[name] += counts.statements - s0[0]
-                    transactions[name] += counts.transactions - s0[1]
-                    round_trips[name] += counts.round_trips - s0[2]
+                    wall.setdefault(name, []).append((t1 - t0) * 1000)
+                    cpu.setdefault(name, []).append(c1 - c0)
+                    server_cpu.setdefault(name, []).append((r1 - r0) * 1000)
+                    counted.setdefault(name, []).append(
+                        (
+                            counts.statements - s0[0],
+                            counts.transactions - s0[1],
+                            counts.round_trips - s0[2],
+                        )
+                    )
     db.dispose_engines()
     return {
         c: {
             "wall_ms": round(statistics.median(wall[c]), 3),
-            "cpu_ms": round(cpu[c], 3),
-            "server_cpu_ms": round(server_cpu[c], 3) if root is not None else None,
-            "statements": statements[c] / n,
-            "transactions": transactions[c] / n,
-            "round_trips": round_trips[c] / n,
+            "cpu_ms": round(statistics.mean(cpu[c]), 3),
+            "server_cpu_ms": round(statistics.mean(server_cpu[c]), 3) if root else None,
+            "statements": statistics.mean(k[0] for k in counted[c]),
+            "transactions": statistics.mean(k[1] for k in counted[c]),
+            "round_trips": statistics.mean(k[2] for k in counted[c]),
         }
-        for c in CALLS
+        for c in (*CALLS, LOCKED)
+        if c in wall
     }
 
 

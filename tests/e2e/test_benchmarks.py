@@ -108,8 +108,10 @@ def test_the_runtime_cost_comparison_runs_and_both_sides_agree() -> None:
 def test_the_engine_cost_runs_on_each_database() -> None:
     """`python -m benchmarks.engine_cost`: the four calls of a one-step workflow on SQLite,
     and on a fresh PostgreSQL database when the tests have a server, reached through the
-    delay proxy: 5 round trips in all (a submit's INSERTs in one script, a result's lock
-    and read with the BEGIN, its writes with the COMMIT)."""
+    delay proxy: one round trip per call (a submit's INSERTs in one script; a claim that
+    reads the workflow's states with the step; a result settled against them, checked and
+    written in one script), and the locked path's result beside them in two (its lock and
+    read with the BEGIN, its writes with the COMMIT)."""
     args = ["--n", "5"]
     pg_url = create_pg_database() if PG_URL else None
     if pg_url:
@@ -119,9 +121,10 @@ def test_the_engine_cost_runs_on_each_database() -> None:
     finally:
         if pg_url:
             drop_pg_database(pg_url)
-    databases = ["sqlite", *(["postgresql"] if pg_url else [])]
+    calls = ("submit", "claim", "result", "read")
     assert [(r[0], r[1]) for r in rows] == [
-        (d, c) for d in databases for c in ("submit", "claim", "result", "read")
+        *(("sqlite", c) for c in calls),
+        *(("postgresql", c) for c in (*calls, "result, locked") if pg_url),
     ]
     for row in rows:
         assert float(row[2].removesuffix(" ms")) > 0 and float(row[3].removesuffix(" ms")) > 0
@@ -132,7 +135,13 @@ def test_the_engine_cost_runs_on_each_database() -> None:
         assert float(row[5]) >= 1  # every call makes at least one statement
     round_trips = {r[1]: float(r[7]) for r in rows if r[0] == "postgresql"}
     if pg_url:
-        assert round_trips == {"submit": 1, "claim": 1, "result": 2, "read": 1}
+        assert round_trips == {
+            "submit": 1,
+            "claim": 1,
+            "result": 1,
+            "read": 1,
+            "result, locked": 2,
+        }
 
 
 def test_the_engine_cost_compares_the_cursor_with_connection_execute() -> None:

@@ -92,7 +92,10 @@ def _tokens_for(runtime: LlamaCppRuntime, seconds: float) -> int:
 def run_watched(
     settings: Settings, runtime: LlamaCppRuntime, tokens: int, *, claim_after_s: float
 ) -> tuple[str, Watcher]:
-    """Submit one long step and run it to success with ``run_step``, its row watched."""
+    """Submit one long step and run it to success with ``run_step``, its row watched.
+    On PostgreSQL its result is stored in one round trip, against the states the worker
+    read with the step (and its own late claim, if it made one)."""
+    stored = engine.SEEN_RESULTS["stored"]
     with use_settings(settings.model_copy(update={"claim_after_s": claim_after_s})):
         sent = RecordingDispatcher()
         wid = create(settings, sent, [long_step(tokens)])
@@ -101,6 +104,8 @@ def run_watched(
             assert run_step(d.step_run_id, d.attempt, runtime, RecordingDispatcher()) == (
                 "succeeded"
             )
+    on_server = settings.sqlalchemy_url.startswith("postgresql")
+    assert engine.SEEN_RESULTS["stored"] - stored == (1 if on_server else 0)
     return wid, watcher
 
 
