@@ -27,6 +27,7 @@ from sqlmodel import Session, select
 from app import db, notify, prepared, rows, specs
 from app.errors import ConflictError, NotFoundError
 from app.rows import SENDABLE, StepState, WorkflowState
+from app.schemas import WorkflowPublic
 from app.spec import ValidatedWorkflow
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus, new_id, utcnow
 from app.templating import evaluate
@@ -86,10 +87,32 @@ class _Tx:
             raise _NeedsRead(self.workflow.id)
         return self.conn
 
-    def commit(self) -> None:
-        """Write what the block changed and commit (on PostgreSQL, one round trip)."""
+    def commit(self, *, view: bool = False) -> notify.Carried | None:
+        """Write what the block changed and commit (on PostgreSQL, one round trip); with
+        ``view``, on a database server, read the workflow's view in the same script."""
         writes = rows.writes(self.workflow, (self.rows or {}).values())
-        prepared.script(self.db, writes, commit=True)
+        viewed = _with_view(self.db, self.workflow.id, writes) if view else writes
+        found = prepared.script(self.db, viewed, commit=True)
+        return _carried(found) if viewed is not writes else None
+
+
+def _with_view(
+    conn: Connection, workflow_id: str, statements: list[prepared.Statement]
+) -> list[prepared.Statement]:
+    """``statements`` and then the workflow's view (:data:`app.rows.VIEW`), read in the
+    same transaction, for a finish notice to carry; on a database server only (SQLite's
+    reads are calls in the API's process: no round trip to save)."""
+    if conn.dialect.name != "postgresql":
+        return statements
+    return [*statements, (rows.VIEW, {"workflow_id": workflow_id})]
+
+
+def _carried(found: list[prepared.Rows]) -> notify.Carried | None:
+    """The view read last in a script, as a finish notice carries it."""
+    view = found[-1]
+    if not view:
+        return None
+    return notify.Carried(view[0].api_key_id, WorkflowPublic.of_view(view).model_dump_json())
 
 
 class _StepGone(NotFoundError):
@@ -134,16 +157,20 @@ def _locked(
         tx.rows = {r.step_id: StepState(*r) for r in found}
         was_terminal = status.terminal
         yield tx
-        tx.commit()
-    _committed(tx, was_terminal, dispatcher)
+        carried = tx.commit(view=tx.workflow.status.terminal and not was_terminal)
+    _committed(tx, was_terminal, dispatcher, carried)
 
 
-def _committed(tx: _Tx, was_terminal: bool, dispatcher: Dispatcher | None) -> None:
-    """What goes out after a transaction's commit: its sends, and the "finished" notice."""
+def _committed(
+    tx: _Tx, was_terminal: bool, dispatcher: Dispatcher | None, carried: notify.Carried | None
+) -> None:
+    """What goes out after a transaction's commit: its sends, and the "finished" notice
+    (with the view the transaction read, if it read one)."""
     if tx.dispatches and dispatcher is not None:
         dispatcher.send(tx.dispatches)
     if tx.workflow.status.terminal and not was_terminal:
-        notify.publish_finished(tx.workflow.id)  # wakes long-polling readers (after the commit)
+        # Wakes long-polling readers (after the commit).
+        notify.publish_finished(tx.workflow.id, carried)
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,11 +477,15 @@ def _complete_as_seen(
     except (_NeedsRead, specs.NotCached):
         return None
     check = {"workflow_id": workflow.id, "seen": seen.text()}
-    writes = rows.writes(tx.workflow, steps.values())
+    lock = (rows.LOCK_BY_ID, {"workflow_id": workflow.id})
+    statements = [lock, (rows.UNCHANGED, check), *rows.writes(tx.workflow, steps.values())]
+    ended = tx.workflow.status.terminal
+    carried = None
     try:
         with db.connection_scope(write=True, explicit=True) as conn:
-            lock = (rows.LOCK_BY_ID, {"workflow_id": workflow.id})
-            prepared.script(conn, [lock, (rows.UNCHANGED, check), *writes])
+            viewed = _with_view(conn, workflow.id, statements) if ended else statements
+            found = prepared.script(conn, viewed)
+            carried = _carried(found) if viewed is not statements else None
     except DBAPIError as exc:
         if rows.STATES_CHANGED not in str(exc.orig):
             raise
@@ -462,7 +493,7 @@ def _complete_as_seen(
         log.debug("workflow %s changed since its step was taken: %s", workflow.id, exc.orig)
         return None
     SEEN_RESULTS["stored"] += 1
-    _committed(tx, False, dispatcher)
+    _committed(tx, False, dispatcher, carried)
     return True
 
 

@@ -12,6 +12,11 @@ The database stays the source of truth: a message only says "read again". A lost
 (Redis blip, a publish that failed) costs latency, never a wrong answer: waiters re-read
 the database at least every :data:`RECHECK_S`, and every waiter re-reads when the
 subscription is (re)established.
+
+On a database server a notice may also carry the workflow's view as its transaction
+wrote it (:class:`Carried`: read in the same script as the writes, before the commit), so
+a waiting request answers without a read of its own, a round trip saved. A view larger
+than :data:`CARRY_MAX`, or a notice without one (SQLite, an older worker), means: read.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
@@ -41,14 +47,44 @@ _RESUBSCRIBE_S = 1.0  # pause before subscribing again after a Redis error
 _SUBSCRIBE_WAIT_S = 1.0  # how long a first waiter waits for the subscription to be live
 
 
-def publish_finished(workflow_id: str) -> None:
-    """Announce that ``workflow_id`` reached a terminal state (call after the commit).
+CARRY_MAX = 32 * 1024  # the largest view a notice carries (characters of JSON)
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """A finished workflow's view as a notice carries it: whose it is, and its JSON (a
+    :class:`app.schemas.WorkflowPublic`)."""
+
+    api_key_id: int | None
+    view: str
+
+    def message(self, workflow_id: str) -> str:
+        """The notice: ``<workflow id> <key id or -> <view JSON>``."""
+        key = "-" if self.api_key_id is None else str(self.api_key_id)
+        return f"{workflow_id} {key} {self.view}"
+
+    @staticmethod
+    def parse(message: str) -> tuple[str, Carried | None]:
+        """A notice's workflow id and its view, if it carries one."""
+        workflow_id, _, rest = message.partition(" ")
+        key, _, view = rest.partition(" ")
+        if not view or not (key == "-" or key.isdigit()):
+            return workflow_id, None
+        return workflow_id, Carried(None if key == "-" else int(key), view)
+
+
+def publish_finished(workflow_id: str, carried: Carried | None = None) -> None:
+    """Announce that ``workflow_id`` reached a terminal state (call after the commit),
+    with its view as committed when given (and no larger than :data:`CARRY_MAX`).
 
     Never raises and never waits for Redis' answer (see :class:`Announcer`): a failed
     publish only makes waiters notice at their next re-read.
     """
+    message = workflow_id
+    if carried is not None and len(carried.view) <= CARRY_MAX:
+        message = carried.message(workflow_id)
     try:
-        _announcer().publish(CHANNEL, workflow_id)
+        _announcer().publish(CHANNEL, message)
     except (RedisError, OSError, ConfigError) as exc:
         log.warning("could not announce that workflow %s finished: %s", workflow_id, exc)
 
@@ -132,6 +168,7 @@ class FinishedListener:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._carried: dict[str, Carried] = {}  # views notices brought, while waited for
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -158,6 +195,12 @@ class FinishedListener:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[workflow_id]
+                    self._carried.pop(workflow_id, None)
+
+    def carried(self, workflow_id: str) -> Carried | None:
+        """The view the finish notice of ``workflow_id`` carried, if one came while it was
+        watched (ask inside :meth:`watch`, once its event is set)."""
+        return self._carried.get(workflow_id)
 
     @staticmethod
     async def wait(event: asyncio.Event, timeout_s: float) -> bool:
@@ -188,7 +231,11 @@ class FinishedListener:
                         self._wake_all()  # anything missed while unsubscribed: re-read
                     elif message["type"] == "message":
                         data = message["data"]
-                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+                        text = data.decode() if isinstance(data, bytes) else str(data)
+                        workflow_id, carried = Carried.parse(text)
+                        if carried is not None and workflow_id in self._waiters:
+                            self._carried[workflow_id] = carried
+                        self._wake(workflow_id)
             except (RedisError, OSError) as exc:
                 log.warning("workflow-finished subscription lost, resubscribing: %s", exc)
             finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Self
 
@@ -80,6 +81,12 @@ class WorkflowPublic(WorkflowSummary):
     """A workflow with every step's state."""
 
     steps: list[StepPublic]
+
+    @classmethod
+    def of_view(cls, found: Sequence[Any]) -> WorkflowPublic:
+        """From the rows of :data:`app.rows.VIEW` (the workflow's columns on each row, one
+        row per step; one row with no step columns for a workflow without steps)."""
+        return cls.of(found[0], steps=[StepPublic.of(r) for r in found if r.step_id is not None])
 
 
 class WorkflowAccepted(BaseModel):

@@ -7,6 +7,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from datetime import datetime
@@ -14,6 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
 from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
@@ -30,7 +32,6 @@ from app.api.deps import (
 from app.errors import ConflictError, NotFoundError, SpecError
 from app.notify import FinishedListener
 from app.schemas import (
-    StepPublic,
     WorkflowAccepted,
     WorkflowPage,
     WorkflowPublic,
@@ -39,6 +40,8 @@ from app.schemas import (
 from app.spec import ValidatedWorkflow, WorkflowSpec, validate_workflow
 from app.tables import ApiKey, WorkflowRun, WorkflowStatus, new_id
 from app.tokens import count_tokens
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
@@ -129,11 +132,15 @@ async def submit_workflow(
     # Registered for the finish notice before the steps are sent: a workflow that ends
     # before this request's next line runs is still noticed, with no read in between.
     finished = platform.finished
+    view = None
     async with finished.watch(workflow_id) as event:
         accepted = await _accept(raw, size, response, key, platform, idempotency_key, workflow_id)
-        if accepted.id == workflow_id and accepted.status is WorkflowStatus.running:
-            await finished.wait(event, min(deadline - time.monotonic(), notify.RECHECK_S))
-    view = await _await_end(finished, key.id, accepted.id, deadline)
+        running = accepted.id == workflow_id and accepted.status is WorkflowStatus.running
+        remaining = min(deadline - time.monotonic(), notify.RECHECK_S)
+        if running and await finished.wait(event, remaining):
+            view = _carried_view(finished, key.id, workflow_id)
+    if view is None:
+        view = await _await_end(finished, key.id, accepted.id, deadline)
     if view.status.terminal:
         response.status_code = 200
     return view
@@ -304,9 +311,7 @@ def _fresh_view(key_id: int | None, workflow_id: str, *, on_loop: bool = False) 
 def _view_of(found: prepared.Rows, key_id: int | None, workflow_id: str) -> WorkflowPublic:
     if not found or found[0].api_key_id != key_id:
         raise NotFoundError(f"no workflow {workflow_id!r}")
-    return WorkflowPublic.of(
-        found[0], steps=[StepPublic.of(r) for r in found if r.step_id is not None]
-    )
+    return WorkflowPublic.of_view(found)
 
 
 @router.get("/{workflow_id}", response_model=WorkflowPublic)
@@ -338,7 +343,26 @@ async def _await_end(
             remaining = deadline - time.monotonic()
             if view.status is not WorkflowStatus.running or remaining <= 0:
                 return view
-            await finished.wait(event, min(remaining, notify.RECHECK_S))
+            if await finished.wait(event, min(remaining, notify.RECHECK_S)):
+                carried = _carried_view(finished, key_id, workflow_id)
+                if carried is not None:
+                    return carried
+
+
+def _carried_view(
+    finished: FinishedListener, key_id: int | None, workflow_id: str
+) -> WorkflowPublic | None:
+    """The view the finish notice of ``workflow_id`` carried (:class:`app.notify.Carried`),
+    if it did and the workflow is this key's: the answer without a read of the database.
+    None: read it."""
+    carried = finished.carried(workflow_id)
+    if carried is None or carried.api_key_id != key_id:
+        return None
+    try:
+        return WorkflowPublic.model_validate_json(carried.view)
+    except ValidationError:
+        log.warning("a finish notice for %s carried a view that does not parse", workflow_id)
+        return None
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
