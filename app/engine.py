@@ -91,28 +91,29 @@ class _Tx:
         """Write what the block changed and commit (on PostgreSQL, one round trip); with
         ``view``, on a database server, read the workflow's view in the same script."""
         writes = rows.writes(self.workflow, (self.rows or {}).values())
-        viewed = _with_view(self.db, self.workflow.id, writes) if view else writes
-        found = prepared.script(self.db, viewed, commit=True)
-        return _carried(found) if viewed is not writes else None
+        return _script(self.db, self.workflow.id, writes, view=view, commit=True)
 
 
-def _with_view(
-    conn: Connection, workflow_id: str, statements: list[prepared.Statement]
-) -> list[prepared.Statement]:
-    """``statements`` and then the workflow's view (:data:`app.rows.VIEW`), read in the
-    same transaction, for a finish notice to carry; on a database server only (SQLite's
-    reads are calls in the API's process: no round trip to save)."""
-    if conn.dialect.name != "postgresql":
-        return statements
-    return [*statements, (rows.VIEW, {"workflow_id": workflow_id})]
-
-
-def _carried(found: list[prepared.Rows]) -> notify.Carried | None:
-    """The view read last in a script, as a finish notice carries it."""
-    view = found[-1]
-    if not view:
+def _script(
+    conn: Connection,
+    workflow_id: str,
+    statements: list[prepared.Statement],
+    *,
+    view: bool,
+    commit: bool = False,
+) -> notify.Carried | None:
+    """Run a script that writes ``workflow_id``; with ``view``, on a database server, it
+    reads the workflow's view (:data:`app.rows.VIEW`) last, in the same transaction, and
+    returns it as a finish notice carries it (SQLite's reads are calls in the API's
+    process: no round trip to save)."""
+    if not view or conn.dialect.name != "postgresql":
+        prepared.script(conn, statements, commit=commit)
         return None
-    return notify.Carried(view[0].api_key_id, WorkflowPublic.of_view(view).model_dump_json())
+    viewed = [*statements, (rows.VIEW, {"workflow_id": workflow_id})]
+    found = prepared.script(conn, viewed, commit=commit)[-1]
+    if not found:
+        return None
+    return notify.Carried(found[0].api_key_id, WorkflowPublic.of_view(found).model_dump_json())
 
 
 class _StepGone(NotFoundError):
@@ -468,24 +469,18 @@ def _complete_as_seen(
     inputs) takes the locked path before anything is sent.
     """
     workflow, steps = seen.states()
-    if specs.cached(workflow.id) is None:
-        return None  # the spec left this process's cache: read it under the lock
     tx = _Tx(None, workflow, step_id=seen.step_id, rows=steps)
     try:
         if not _succeed(tx, attempt, output, started_at):
             return None  # not this attempt's by what was seen: the locked path decides
-    except (_NeedsRead, specs.NotCached):
+    except (_NeedsRead, specs.NotCached):  # NotCached: the spec left this process's cache
         return None
     check = {"workflow_id": workflow.id, "seen": seen.text()}
     lock = (rows.LOCK_BY_ID, {"workflow_id": workflow.id})
     statements = [lock, (rows.UNCHANGED, check), *rows.writes(tx.workflow, steps.values())]
-    ended = tx.workflow.status.terminal
-    carried = None
     try:
         with db.connection_scope(write=True, explicit=True) as conn:
-            viewed = _with_view(conn, workflow.id, statements) if ended else statements
-            found = prepared.script(conn, viewed)
-            carried = _carried(found) if viewed is not statements else None
+            carried = _script(conn, workflow.id, statements, view=tx.workflow.status.terminal)
     except DBAPIError as exc:
         if rows.STATES_CHANGED not in str(exc.orig):
             raise

@@ -169,7 +169,7 @@ class Seen:
         if not steps:
             return None
         found = tuple(tuple(s) for s in steps[0])
-        if any(s[1] != step_id and (s[3] in SENDABLE or s[3] == "running") for s in found):
+        if any(s[1] != step_id and (s[3] in SENDABLE or s[3] == StepStatus.running) for s in found):
             return None
         return cls((workflow_id, name, WorkflowStatus.running), step_id, found)
 
