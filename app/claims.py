@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -57,6 +58,81 @@ def open_step(step_run_id: str, attempt: int) -> StepWork | None:
     or a duplicate. Nothing is written, so on SQLite this never waits for the write lock
     and on a database server it commits nothing."""
     return _take(step_run_id, attempt, claim=False)
+
+
+# The message header a step's first message carries its work in (:func:`carry`), and the
+# longest text it carries: a workflow whose spec makes it longer is read at the claim.
+WORK_HEADER = "corral_work"
+CARRY_MAX = 16 * 1024
+
+
+def carry(
+    workflow_id: str,
+    spec: Mapping[str, Any],
+    step: rows.StepState,
+    steps: Iterable[rows.StepState],
+    queued_at: datetime,
+) -> str | None:
+    """What the message of a new workflow's only ready step carries (JSON text), so that
+    its worker takes the step without reading it: the step's row as :func:`open_step`
+    reads it, the workflow's spec, and its steps' states as written (the states its
+    result is settled against, :class:`app.rows.Seen`). None when it would be longer than
+    :data:`CARRY_MAX`.
+
+    Only a step that nothing else in its workflow runs beside may carry its work: until
+    its result, the workflow's rows change only by a cancel (its flag in Redis, which the
+    worker checks before it starts) or an operator. Its result is checked against the
+    rows under the workflow's lock, as every result is, so a delivery that is no longer
+    the step's (a duplicate, a cancel whose flag was lost) has its result refused."""
+    text = json.dumps(
+        {
+            "step_run_id": step.id,
+            "attempt": step.attempts + 1,
+            "workflow_id": workflow_id,
+            "step_id": step.step_id,
+            "model": step.model,
+            "queued_at": queued_at.isoformat(),
+            "spec": spec,
+            "steps": [
+                [s.id, s.step_id, s.model, s.status.value, s.attempts, s.max_attempts]
+                for s in steps
+            ],
+        },
+        separators=(",", ":"),
+    )
+    return text if len(text) <= CARRY_MAX else None
+
+
+def take_carried(text: str, step_run_id: str, attempt: int) -> StepWork | None:
+    """The work a step's message carried (:func:`carry`), taken without a read and without
+    a claim (:func:`mark_running` or the result writes it, as after :func:`open_step`).
+    None when the text is not this delivery's first attempt of a step with nothing above
+    it (the step is then read)."""
+    now = utcnow()
+    try:
+        carried = json.loads(text)
+        if carried["step_run_id"] != step_run_id or not carried["attempt"] == attempt == 1:
+            return None
+        workflow_id, step_id = carried["workflow_id"], carried["step_id"]
+        spec = specs.cached(workflow_id) or specs.remember(workflow_id, carried["spec"])
+        step_spec = spec.steps[step_id]
+        if step_spec.get("depends_on"):
+            return None
+        states = [
+            (sid, spec_id, model, StepStatus(status), n, most)
+            for sid, spec_id, model, status, n, most in carried["steps"]
+        ]
+        queued_at = datetime.fromisoformat(carried["queued_at"])
+        model = carried["model"]
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("step %s: its message carried unusable work (%s); reading it", step_run_id, exc)
+        return None
+    # The states as written are the ones a result settles against on a database server.
+    seen = None
+    if not db.reads_in_process():
+        seen = rows.Seen.of(workflow_id, spec.name, step_id, [states])
+    taken = (workflow_id, step_id, step_spec["kind"], model, queued_at, None)
+    return _work(step_run_id, attempt, taken, spec, (), now, claimed=False, seen=seen)
 
 
 def mark_running(work: StepWork) -> bool:
@@ -110,6 +186,33 @@ def _take(step_run_id: str, attempt: int, *, claim: bool) -> StepWork | None:
             if above
             else []
         )
+    return _work(
+        step_run_id,
+        attempt,
+        (workflow_id, step_id, kind, model, queued_at, error),
+        spec,
+        found,
+        now,
+        claimed=claim,
+        seen=seen,
+    )
+
+
+def _work(
+    step_run_id: str,
+    attempt: int,
+    taken: tuple[str, str, str, str, datetime | None, str | None],
+    spec: specs.Spec,
+    found: Iterable[Sequence[Any]],
+    now: datetime,
+    *,
+    claimed: bool,
+    seen: rows.Seen | None,
+) -> StepWork:
+    """The work of a step taken at ``now``: its row's columns (``taken``), its workflow's
+    spec and the rows of the finished steps its templates may read (``found``), its input
+    rendered against them."""
+    workflow_id, step_id, kind, model, queued_at, error = taken
     step_spec = spec.steps[step_id]
     context_steps = {
         sid: {"status": st.value, "output": out, "attempts": n, "error": err}
@@ -133,7 +236,7 @@ def _take(step_run_id: str, attempt: int, *, claim: bool) -> StepWork | None:
         timeout_s=step_spec.get("timeout_s"),
         queued_ms=((now - queued_at).total_seconds() * 1000) if queued_at else 0.0,
         started_at=now,
-        claimed=claim,
+        claimed=claimed,
         seen=seen,
     )
     # Rendered after the commit: what it reads no longer changes.

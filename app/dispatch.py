@@ -28,6 +28,7 @@ from sqlalchemy import update
 from sqlmodel import select
 
 from app import db, inline, live
+from app.claims import WORK_HEADER
 from app.core.config import get_settings
 from app.engine import SENDABLE, Dispatch, Dispatcher
 from app.tables import StepRun, StepStatus, utcnow
@@ -164,6 +165,8 @@ def step_message(celery: Celery, d: Dispatch) -> bytes:
         argsrepr=repr(args),  # what saferepr gives for a string and an int, without its cost
         kwargsrepr="{}",
     )
+    if d.work is not None:  # what send_task(headers=...) adds, last
+        headers[WORK_HEADER] = d.work
     return json.dumps(
         {
             "body": base64.b64encode(json.dumps(body).encode()).decode(),

@@ -12,7 +12,7 @@ trip).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import BindParameter
 
-from app.prepared import Rows, Statement
+from app.prepared import Statement
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
@@ -161,7 +161,9 @@ class Seen:
     steps: tuple[tuple[Any, ...], ...]  # StepState's columns, in step order
 
     @classmethod
-    def of(cls, workflow_id: str, name: str, step_id: str, steps: list[Rows]) -> Seen | None:
+    def of(
+        cls, workflow_id: str, name: str, step_id: str, steps: Sequence[Sequence[Sequence[Any]]]
+    ) -> Seen | None:
         """The states of a running workflow, from :data:`STEPS_BY_STEP`'s rows (none
         where they were not read: SQLite); None when another step of the workflow is
         queued or running beside ``step_id`` (its result would change the states before

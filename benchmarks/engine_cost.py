@@ -1,13 +1,16 @@
 """What the workflow engine's database work costs per call, in process, per database.
 
-A one-step workflow makes four calls on the database: the API's submit (create), the
-worker's claim (a read of the step, or with ``CORRAL_CLAIM_AFTER_S=0`` its claim written
-before the model runs), its result, and the client's status read. This runs those calls for N
-one-step workflows in this process (no HTTP, no broker: the dispatcher records its sends)
-and prints, per call, the median wall time, the mean CPU time, and how many statements,
-transactions and (on a database server) round trips it made. On a database server every
-other result takes the locked path instead of the one round trip its claim's read allows
-(the row ``result, locked``), side by side::
+A one-step workflow makes four calls: the API's submit (create), the worker's claim (it
+takes the work its message carried and checks the cancel flag in Redis; with
+``CORRAL_CLAIM_AFTER_S=0`` it writes its claim before the model runs), its result, and the
+client's status read. This runs those calls for N one-step workflows in this process (no
+HTTP, no broker: the dispatcher records its sends) and prints, per call, the median wall
+time, the mean CPU time, and how many statements, transactions and (on a database server)
+round trips it made. On a database server every other workflow's step is read instead
+of taken from its message (the row ``claim, read``, as for a step that carries nothing;
+on SQLite every step is read: a call in this process), and every other pair of results
+takes the locked path instead of the one round trip the states carried or read allow (the
+row ``result, locked``), side by side::
 
     python -m benchmarks.engine_cost [--n 300] [--database postgresql://…] [--rtt-ms MS]
                                      [--compare]
@@ -46,9 +49,9 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import event
 
-from app import claims, db, engine, prepared, rows, specs
+from app import db, engine, prepared, rows, specs
 from app.api.routes.workflows import _fresh_view
-from app.core.config import Settings, get_settings, use_settings
+from app.core.config import Settings, use_settings
 from app.embedded import EmbeddedRedis
 from app.engine import Dispatch
 from app.migrate import upgrade
@@ -58,8 +61,10 @@ from benchmarks.delay_proxy import delayed
 from benchmarks.stack import DATABASE_ENV, REDIS_ENV, local_servers
 from models.catalog import load_catalog
 from models.tiny import make_tiny
+from workers.steps import take
 
 CALLS = ("submit", "claim", "result", "read")
+READ = "claim, read"  # a step taken by reading it, not from what its message carried
 LOCKED = "result, locked"  # a result without the states its claim read: two round trips
 SPEC = {
     "name": "engine-cost",
@@ -170,12 +175,13 @@ class _OneWorkflow:
         self.run_id = engine.create_workflow(self.validated, sent).id
         self.step = sent.sent[0]
 
-    def claim(self) -> None:
+    def claim(self, *, read: bool = False) -> None:
         assert self.step is not None
         specs.forget_all()  # a pool process meets each workflow at its claim
-        # As a worker does: read the step, or claim it first with CORRAL_CLAIM_AFTER_S=0.
-        take = claims.open_step if get_settings().claim_after_s > 0 else claims.claim_step
-        work = take(self.step.step_run_id, self.step.attempt)
+        # As a worker does: take the work its message carried (and check the cancel flag),
+        # or read the step (``read``), or claim it first with CORRAL_CLAIM_AFTER_S=0.
+        carried = None if read else self.step.work
+        work = take(self.step.step_run_id, self.step.attempt, carried)
         if work is None:
             raise RuntimeError("the claim was refused")
         self.started_at, self.seen = work.started_at, work.seen
@@ -217,9 +223,11 @@ def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str,
     """Per call: median wall ms, mean CPU ms (this process, and a local database server's
     processes); statements, transactions and (on a server database) round trips per call.
 
-    On a server database every other workflow's result takes the locked path (``seen``
-    not given: a lock and read, then the writes), the row ``result, locked``: what the
-    one-round-trip result (``result``) saves, side by side."""
+    On a server database every other workflow's step is read (the row ``claim, read``)
+    instead of taken from what its message carried (``claim``), and every other pair of
+    workflows' results takes the locked path (``seen`` not given: a lock and read, then
+    the writes), the row ``result, locked``: what the one-round-trip result (``result``)
+    saves, side by side."""
     wall: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     server_cpu: dict[str, list[float]] = {}
@@ -234,10 +242,11 @@ def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str,
             # writers (WAL, background) that a commit wakes.
             server = [root, *stats.children_of(root)] if root is not None else []
             one = _OneWorkflow(validate_workflow(SPEC, catalog, settings))
-            locked = root is not None and i % 2 == 1
+            read = root is not None and i % 2 == 1
+            locked = root is not None and i // 2 % 2 == 1
             calls: dict[str, Callable[[], Any]] = {
                 "submit": one.submit,
-                "claim": one.claim,
+                READ if read else "claim": partial(one.claim, read=read),
                 LOCKED if locked else "result": partial(one.result, as_seen=not locked),
                 "read": one.read,
             }
@@ -270,7 +279,7 @@ def measure(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str,
             "transactions": statistics.mean(k[1] for k in counted[c]),
             "round_trips": statistics.mean(k[2] for k in counted[c]),
         }
-        for c in (*CALLS, LOCKED)
+        for c in (*CALLS, READ, LOCKED)
         if c in wall
     }
 

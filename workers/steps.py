@@ -87,20 +87,36 @@ def execute(work: StepWork, runtime: ModelRuntime) -> dict[str, Any]:
     return out
 
 
+def take(step_run_id: str, attempt: int, carried: str | None = None) -> StepWork | None:
+    """The step's work, as a worker takes it (from what its message carried, or read);
+    None when this delivery is not its to run."""
+    # With CORRAL_CLAIM_AFTER_S, the step is read, not claimed: a short one is written once,
+    # by its result (Celery's own task_track_started is off by default for the same cost).
+    if get_settings().claim_after_s <= 0:
+        return claims.claim_step(step_run_id, attempt)
+    work = claims.take_carried(carried, step_run_id, attempt) if carried else None
+    if work is None:
+        return claims.open_step(step_run_id, attempt)
+    # Not read: a cancel is seen here, by its flag (the read would have seen the step
+    # cancelled). Without the flag (Redis lost it) the step runs and its result is refused.
+    if _cancel_requested(work.workflow_id):
+        log.info("dropping step %s attempt %s: its workflow was cancelled", work.step_id, attempt)
+        return None
+    return work
+
+
 def run_step(
     step_run_id: str,
     attempt: int,
     runtime: ModelRuntime | None = None,
     dispatcher: Dispatcher | None = None,
+    *,
+    carried: str | None = None,
 ) -> str:
-    """Run one attempt of a step end to end; returns what happened, for logs and tests."""
+    """Run one attempt of a step end to end; returns what happened, for logs and tests.
+    ``carried``: the work its message carried (:func:`app.claims.carry`), if any."""
     dispatcher = dispatcher or CeleryDispatcher(celery_app)
-    # With CORRAL_CLAIM_AFTER_S, the step is read, not claimed: a short one is written once,
-    # by its result (Celery's own task_track_started is off by default for the same cost).
-    if get_settings().claim_after_s > 0:
-        work = claims.open_step(step_run_id, attempt)
-    else:
-        work = claims.claim_step(step_run_id, attempt)
+    work = take(step_run_id, attempt, carried)
     if work is None:
         return "stale"
     if work.input_error is not None:

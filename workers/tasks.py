@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from app.claims import WORK_HEADER
 from app.core.config import get_settings
 from app.errors import ServiceUnavailable
 from app.memory import embedding
@@ -21,12 +22,14 @@ from workers.steps import run_step
 def run_step_task(self: Any, step_run_id: str, attempt: int) -> str:
     """Run one attempt of one step on this worker's loaded model.
 
+    A new workflow's only ready step carries its work in a header (``corral_work``,
+    :func:`app.claims.carry`); a worker of an older release ignores it and reads the step.
     While the database is unreachable the same message is retried with backoff, without
     limit: the step's state is in the database, so nothing is decided until it is back.
     """
     process.set_busy(True)
     try:
-        return run_step(step_run_id, attempt)
+        return run_step(step_run_id, attempt, carried=getattr(self.request, WORK_HEADER, None))
     except ServiceUnavailable as exc:
         delay = min(30.0, 0.5 * 2 ** min(self.request.retries, 6))
         raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc

@@ -14,6 +14,7 @@ import redis
 from sqlmodel import select
 
 from app import claims, db, dispatch, engine
+from app.claims import WORK_HEADER
 from app.core.config import Settings, use_settings
 from app.dispatch import (
     SENT_PREFIX,
@@ -215,6 +216,7 @@ def _pushed_by_send_task(celery: Any, client: redis.Redis, d: Dispatch) -> dict[
         queue=queue,
         countdown=d.countdown or None,
         task_id=f"{d.step_run_id}-{d.attempt}",
+        headers={WORK_HEADER: d.work} if d.work is not None else None,
     )
     raw = client.rpop(queue)
     assert raw is not None
@@ -245,6 +247,27 @@ def test_a_step_message_is_what_celery_send_task_pushes(settings: Settings) -> N
         assert body[0] == ["s-envelope", 3]
         assert ours["headers"]["id"] == "s-envelope-3"
         assert ours["headers"]["task"] == "corral.step.run"
+    finally:
+        client.close()
+        celery.close()
+
+
+def test_a_step_message_with_its_work_is_what_send_task_pushes_with_the_header(
+    settings: Settings,
+) -> None:
+    """A new workflow's only ready step carries its work in a message header: the message
+    is still what ``send_task(headers=...)`` pushes, the arguments unchanged."""
+    from workers.celery_app import make_celery
+
+    celery = make_celery()
+    client = redis_client(settings)
+    try:
+        d = Dispatch("s-carried", "envelope-check", 1, work='{"step_run_id":"s-carried"}')
+        theirs = _pushed_by_send_task(celery, client, d)
+        ours = json.loads(step_message(celery, d))
+        assert _without_tag(ours) == _without_tag(theirs)
+        assert ours["headers"][WORK_HEADER] == d.work
+        assert json.loads(base64.b64decode(ours["body"]))[0] == ["s-carried", 1]
     finally:
         client.close()
         celery.close()
