@@ -9,14 +9,15 @@ redis-server and the database is SQLite only.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from sqlalchemy import Engine
 
-from app import db
+from app import db, prepared
 from app.core.config import Settings, use_settings
 from app.embedded import EmbeddedRedis
 from app.migrate import upgrade
@@ -146,3 +147,17 @@ def private_pg_engine(private_pg: PrivatePostgres) -> Iterator[Engine]:
         yield eng
     finally:
         eng.dispose()
+
+
+@pytest.fixture
+def scripts(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
+    """The statements of every script sent (on PostgreSQL one script: one round trip)."""
+    sent: list[list[Any]] = []
+    real = prepared.script
+
+    def spy(conn: Any, statements: Sequence[prepared.Statement], **kwargs: Any) -> Any:
+        sent.append([stmt for stmt, _ in statements])
+        return real(conn, statements, **kwargs)
+
+    monkeypatch.setattr(prepared, "script", spy)
+    return sent

@@ -10,7 +10,6 @@ case against a real PostgreSQL; SQLite reads in process and never takes the stat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -33,20 +32,6 @@ def pg(settings: Settings) -> Settings:
     if not settings.sqlalchemy_url.startswith("postgresql"):
         pytest.skip("the states are taken where a result costs round trips: PostgreSQL")
     return settings
-
-
-@pytest.fixture
-def scripts(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
-    """The first statements of every script sent (one script: one round trip)."""
-    sent: list[list[Any]] = []
-    real = prepared.script
-
-    def spy(conn: Any, statements: Sequence[prepared.Statement], **kwargs: Any) -> Any:
-        sent.append([stmt for stmt, _ in statements])
-        return real(conn, statements, **kwargs)
-
-    monkeypatch.setattr(prepared, "script", spy)
-    return sent
 
 
 def _counts() -> dict[str, int]:

@@ -14,14 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from app import claims, engine, live, prepared
+from app import claims, engine, live
 from app.core.config import Settings, use_settings
 from app.dispatch import CeleryDispatcher
 from app.engine import Dispatch
@@ -54,17 +52,9 @@ class CountingRuntime:
         return self.real.generate(params, control)
 
 
-@pytest.fixture(scope="module")
-def real_runtime(models_dir: Path) -> Iterator[LlamaCppRuntime]:
-    catalog = load_catalog(Path(__file__).parents[2] / "models" / "catalog.yaml")
-    rt = LlamaCppRuntime(catalog.get("tiny-chat"), models_dir / "tiny-chat.gguf")
-    yield rt
-    rt.close()
-
-
 @pytest.fixture
-def runtime(real_runtime: LlamaCppRuntime) -> CountingRuntime:
-    return CountingRuntime(real_runtime)
+def counting(runtime: LlamaCppRuntime) -> CountingRuntime:
+    return CountingRuntime(runtime)
 
 
 @pytest.fixture
@@ -88,20 +78,6 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return made
 
 
-@pytest.fixture
-def scripts(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
-    """The statements of every script sent (on PostgreSQL one script: one round trip)."""
-    sent: list[list[Any]] = []
-    real = prepared.script
-
-    def spy(conn: Any, statements: Sequence[prepared.Statement], **kwargs: Any) -> Any:
-        sent.append([stmt for stmt, _ in statements])
-        return real(conn, statements, **kwargs)
-
-    monkeypatch.setattr(prepared, "script", spy)
-    return sent
-
-
 def _one(settings: Settings, steps: list[dict[str, Any]] | None = None) -> tuple[str, Dispatch]:
     sent = RecordingDispatcher()
     wid = create(settings, sent, steps or [gen("a")])
@@ -114,13 +90,13 @@ def _run(d: Dispatch, runtime: ModelRuntime, carried: str | None) -> str:
 
 
 def test_on_sqlite_a_step_carries_nothing_and_is_read(
-    settings: Settings, runtime: CountingRuntime, reads: list[tuple[str, int]]
+    settings: Settings, counting: CountingRuntime, reads: list[tuple[str, int]]
 ) -> None:
     if not settings.sqlalchemy_url.startswith("sqlite"):
         pytest.skip("SQLite's read is a call in the worker's process")
     wid, d = _one(settings)
     assert d.work is None
-    assert _run(d, runtime, d.work) == "succeeded"
+    assert _run(d, counting, d.work) == "succeeded"
     assert reads == [(d.step_run_id, 1)]
     assert steps_of(wid)["a"].status is StepStatus.succeeded
 
@@ -161,15 +137,15 @@ def test_only_a_step_with_nothing_beside_it_carries_its_work(settings: Settings)
 @pytest.mark.usefixtures("pg")
 def test_a_carried_step_runs_without_a_read(
     settings: Settings,
-    runtime: CountingRuntime,
+    counting: CountingRuntime,
     reads: list[tuple[str, int]],
     scripts: list[list[Any]],
 ) -> None:
     wid, d = _one(settings)
     stored = engine.SEEN_RESULTS["stored"]
     scripts.clear()
-    assert _run(d, runtime, d.work) == "succeeded"
-    assert reads == [] and runtime.calls == 1
+    assert _run(d, counting, d.work) == "succeeded"
+    assert reads == [] and counting.calls == 1
     a = steps_of(wid)["a"]
     assert (a.status, a.attempts) == (StepStatus.succeeded, 1)
     assert a.output is not None and a.output["completion_tokens"] > 0
@@ -181,14 +157,14 @@ def test_a_carried_step_runs_without_a_read(
 
 @pytest.mark.usefixtures("pg")
 def test_a_cancelled_workflow_s_carried_step_does_not_run(
-    settings: Settings, runtime: CountingRuntime
+    settings: Settings, counting: CountingRuntime
 ) -> None:
     wid, d = _one(settings)
     engine.cancel_workflow(wid)
     live.request_cancel(wid)  # what the API's cancel does besides
     before = steps_of(wid)["a"]
-    assert _run(d, runtime, d.work) == "stale"
-    assert runtime.calls == 0
+    assert _run(d, counting, d.work) == "stale"
+    assert counting.calls == 0
     after = steps_of(wid)["a"]
     assert (after.status, after.attempts, after.output, after.updated_at) == (
         StepStatus.cancelled,
@@ -200,14 +176,14 @@ def test_a_cancelled_workflow_s_carried_step_does_not_run(
 
 @pytest.mark.usefixtures("pg")
 def test_a_delivery_no_longer_the_step_s_has_its_result_refused(
-    settings: Settings, runtime: CountingRuntime
+    settings: Settings, counting: CountingRuntime
 ) -> None:
     # Cancelled with no flag in Redis (the API's flag lost): it runs, and changes nothing.
     wid, d = _one(settings)
     engine.cancel_workflow(wid)
     before = steps_of(wid)["a"]
-    assert _run(d, runtime, d.work) == "discarded"
-    assert runtime.calls == 1
+    assert _run(d, counting, d.work) == "discarded"
+    assert counting.calls == 1
     after = steps_of(wid)["a"]
     assert (after.status, after.output, after.updated_at) == (
         StepStatus.cancelled,
@@ -216,9 +192,9 @@ def test_a_delivery_no_longer_the_step_s_has_its_result_refused(
     )
     # A duplicate of a delivery whose result is stored: refused, the result not doubled.
     wid, d = _one(settings)
-    assert _run(d, runtime, d.work) == "succeeded"
+    assert _run(d, counting, d.work) == "succeeded"
     first = steps_of(wid)["a"]
-    assert _run(d, runtime, d.work) == "discarded"
+    assert _run(d, counting, d.work) == "discarded"
     again = steps_of(wid)["a"]
     assert (again.output, again.attempts, again.updated_at) == (
         first.output,
@@ -230,7 +206,7 @@ def test_a_delivery_no_longer_the_step_s_has_its_result_refused(
 
 @pytest.mark.usefixtures("pg")
 def test_work_that_is_not_this_delivery_s_is_ignored_and_the_step_read(
-    settings: Settings, runtime: CountingRuntime, reads: list[tuple[str, int]]
+    settings: Settings, counting: CountingRuntime, reads: list[tuple[str, int]]
 ) -> None:
     _wid, d = _one(settings)
     assert d.work is not None
@@ -244,18 +220,18 @@ def test_work_that_is_not_this_delivery_s_is_ignored_and_the_step_read(
         assert claims.take_carried(text, d.step_run_id, d.attempt) is None
     assert claims.take_carried(d.work, d.step_run_id, 2) is None  # a retry is read
     wid, d = _one(settings)
-    assert _run(d, runtime, "not json") == "succeeded"
+    assert _run(d, counting, "not json") == "succeeded"
     assert reads == [(d.step_run_id, 1)]
     assert steps_of(wid)["a"].status is StepStatus.succeeded
 
 
 @pytest.mark.usefixtures("pg")
 def test_claim_after_zero_claims_before_the_model_even_with_carried_work(
-    settings: Settings, runtime: CountingRuntime, reads: list[tuple[str, int]]
+    settings: Settings, counting: CountingRuntime, reads: list[tuple[str, int]]
 ) -> None:
     with use_settings(settings.model_copy(update={"claim_after_s": 0.0})):
         wid, d = _one(settings)
-        assert _run(d, runtime, d.work) == "succeeded"
+        assert _run(d, counting, d.work) == "succeeded"
     assert reads == []  # claim_step, which writes the claim, not the carried work
     assert steps_of(wid)["a"].status is StepStatus.succeeded
 
@@ -264,7 +240,7 @@ def test_claim_after_zero_claims_before_the_model_even_with_carried_work(
 def test_a_worker_runs_a_carried_step_from_its_message(
     settings: Settings,
     redis_base_url: str,
-    runtime: CountingRuntime,
+    counting: CountingRuntime,
     reads: list[tuple[str, int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -288,7 +264,7 @@ def test_a_worker_runs_a_carried_step_from_its_message(
     stack = contextlib.ExitStack()
     stack.enter_context(use_settings(settings.model_copy(update={"redis_url": broker})))
     stack.callback(flush)
-    monkeypatch.setattr(process._State, "runtime", runtime)  # this process's loaded model
+    monkeypatch.setattr(process._State, "runtime", counting)  # this process's loaded model
     celery = make_celery()  # on that Redis, with the product's tasks
     celery.finalize()  # the product's step task, registered on every app once imported
     assert celery.tasks[STEP_TASK].run.__func__ is tasks.run_step_task.run.__func__
@@ -309,11 +285,11 @@ def test_a_worker_runs_a_carried_step_from_its_message(
     with stack, start_worker(celery, queues=[queue], perform_ping_check=False, pool="solo"):
         one = submit([gen("a")])
         wait(one)
-        assert reads == [] and runtime.calls == 1
+        assert reads == [] and counting.calls == 1
         two = submit([gen("a"), gen("b")])
         wait(two)
     celery.close()
     assert workflow(one).status is WorkflowStatus.succeeded
     assert workflow(two).status is WorkflowStatus.succeeded
     assert sorted(reads) == sorted((s.id, 1) for s in steps_of(two).values())
-    assert runtime.calls == 3
+    assert counting.calls == 3

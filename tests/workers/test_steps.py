@@ -10,8 +10,6 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,19 +18,10 @@ from app import engine
 from app.core.config import Settings, use_settings
 from app.spec import INPUT_MODELS
 from app.tables import StepStatus
-from models.catalog import load_catalog
 from tests.app.test_engine import create, steps_of
 from tests.utils.recording import RecordingDispatcher
 from workers.runtime import LlamaCppRuntime, RunControl
 from workers.steps import run_step
-
-
-@pytest.fixture(scope="module")
-def runtime(models_dir: Path) -> Iterator[LlamaCppRuntime]:
-    catalog = load_catalog(Path(__file__).parents[2] / "models" / "catalog.yaml")
-    rt = LlamaCppRuntime(catalog.get("tiny-chat"), models_dir / "tiny-chat.gguf")
-    yield rt
-    rt.close()
 
 
 def long_step(tokens: int) -> dict[str, Any]:
