@@ -6,7 +6,9 @@ cancelled step finds nothing here and is dropped. Taking a step reads what the w
 needs (its kind, model, input rendered against the steps above it). :func:`claim_step`
 also writes the claim; :func:`open_step` leaves it for :func:`mark_running`, once the step
 has run a while, or for its result (:func:`app.engine.complete_step`), which claims a step
-still ready for its attempt under the workflow lock.
+still ready for its attempt under the workflow lock. On a database server a new workflow's
+only ready step carries what the read would give in its message (:func:`carry`), and its
+worker takes that instead (:func:`take_carried`): no round trip before the model runs.
 """
 
 from __future__ import annotations
