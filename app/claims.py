@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +48,10 @@ class StepWork:
     claimed: bool = True  # False until mark_running (or never: the result claims it)
     input_error: str | None = None
     seen: rows.Seen | None = None  # the workflow's states when it was taken (PostgreSQL)
+    # Taken from its message (:func:`take_carried`), whose submit may have sent it before
+    # its commit returned: until a write finds the workflow, not finding it means "wait
+    # for the submit" (:func:`wait_submitted`), not "gone".
+    unconfirmed: bool = False
 
 
 def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
@@ -134,7 +139,38 @@ def take_carried(text: str, step_run_id: str, attempt: int) -> StepWork | None:
     if not db.reads_in_process():
         seen = rows.Seen.of(workflow_id, spec.name, step_id, [states])
     taken = (workflow_id, step_id, step_spec["kind"], model, queued_at, None)
-    return _work(step_run_id, attempt, taken, spec, (), now, claimed=False, seen=seen)
+    work = _work(step_run_id, attempt, taken, spec, (), now, claimed=False, seen=seen)
+    work.unconfirmed = True
+    return work
+
+
+# How long a worker looks for a carried step's workflow that its first write did not find,
+# before it takes the submit as failed: the pauses between looks (seconds).
+SUBMIT_LOOKS_S = (0.05, 0.25, 1.0)
+
+
+def submitted(workflow_id: str) -> bool:
+    """Whether a workflow is committed, once its submit's transaction (if one is open) has
+    ended: one round trip that waits on the submit's lock (:data:`app.rows.SUBMIT_LOCK`),
+    then looks for the workflow. False: its submit rolled back, or has not reached the
+    database yet."""
+    params = {"workflow_id": workflow_id}
+    with db.connection_scope(autocommit=True) as conn:
+        _, found = prepared.script(conn, [(rows.SUBMIT_WAIT, params), (rows.EXISTS, params)])
+        return found.first() is not None
+
+
+def wait_submitted(work: StepWork) -> bool:
+    """For carried work (:attr:`StepWork.unconfirmed`) that a write did not find: whether
+    its workflow was committed after all, looked for again over about a second
+    (:data:`SUBMIT_LOOKS_S`: its submit's first statement may not have reached the
+    database when the write ran). True also for work already confirmed."""
+    for pause in (0.0, *SUBMIT_LOOKS_S):
+        if not work.unconfirmed:
+            return True
+        time.sleep(pause)
+        work.unconfirmed = not submitted(work.workflow_id)
+    return not work.unconfirmed
 
 
 def mark_running(work: StepWork) -> bool:

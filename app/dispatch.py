@@ -16,7 +16,7 @@ import base64
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import timedelta
 
 import redis
@@ -246,17 +246,26 @@ class CeleryDispatcher:
         if no_pool:
             mark_waiting_for_pool(no_pool)
 
-    async def send_async(self, dispatches: Sequence[Dispatch]) -> None:
+    async def send_async(
+        self, dispatches: Sequence[Dispatch], committed: Awaitable[object] | None = None
+    ) -> None:
         """:meth:`send` without blocking the running event loop: the script call on an
         asyncio client, and what else would wait (a stale live-pool view to refresh,
-        steps to mark ``waiting_for_pool``) in a thread."""
-        if not dispatches:
-            return
-        keys, argv = self._batch(dispatches)
+        steps to mark ``waiting_for_pool``) in a thread. ``committed``: the rows' commit
+        still under way, awaited once the messages are pushed (and raised from), before
+        the steps are marked: the mark must find them."""
+        sent = False
         try:
-            await self._async_script()(keys=keys, args=argv)
+            if dispatches:
+                keys, argv = self._batch(dispatches)
+                await self._async_script()(keys=keys, args=argv)
+                sent = True
         except (RedisError, OSError) as exc:
             _not_sent(dispatches, exc)
+        finally:
+            if committed is not None:
+                await committed
+        if not sent:
             return
         try:
             with inline.active():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -61,7 +61,12 @@ class AsyncDispatcher(Protocol):
 
     def send(self, dispatches: Sequence[Dispatch]) -> None: ...
 
-    async def send_async(self, dispatches: Sequence[Dispatch]) -> None: ...
+    async def send_async(
+        self, dispatches: Sequence[Dispatch], committed: Awaitable[object] | None = None
+    ) -> None:
+        """:meth:`send`, awaited. ``committed``: the commit of the steps' rows, under way
+        (a submit that sends before it, :attr:`Created.send_early`), awaited after the
+        push and before anything is written about the steps; its error is raised."""
 
 
 @dataclass
@@ -118,8 +123,9 @@ def _script(
     return notify.Carried(found[0].api_key_id, WorkflowPublic.of_view(found).model_dump_json())
 
 
-class _StepGone(NotFoundError):
-    """The step run a task names does not exist (any more)."""
+class StepGone(NotFoundError):
+    """The step run a task names does not exist: any more, or not yet (a carried step whose
+    submit has not committed, :func:`app.claims.submitted`)."""
 
 
 class _NeedsRead(Exception):
@@ -146,7 +152,7 @@ def _locked(
                 conn, [(rows.LOCK_BY_STEP, params), (rows.STEPS_BY_STEP, params)], begin=True
             )
             if not lock:
-                raise _StepGone(f"no step run {step_run_id!r}")
+                raise StepGone(f"no step run {step_run_id!r}")
             wid, name, status, step_id = lock[0]
         else:
             params = {"workflow_id": workflow_id}
@@ -185,6 +191,14 @@ class Created:
     id: str
     status: WorkflowStatus
     dispatches: tuple[Dispatch, ...] = ()  # what the caller sends (no dispatcher given)
+
+    @property
+    def send_early(self) -> bool:
+        """Whether the caller may send before its commit has returned: its one step
+        carries its work (a database server), so its worker reads nothing before the
+        model, and the submit's statements begin with :data:`app.rows.SUBMIT_LOCK`, which
+        the worker's first write waits on (:func:`app.claims.submitted`)."""
+        return len(self.dispatches) == 1 and self.dispatches[0].work is not None
 
 
 def create_workflow(
@@ -287,6 +301,7 @@ def plan_workflow(
         for position, (step, state) in enumerate(zip(spec.steps, states.values(), strict=True))
     ]
     dispatches = tx.dispatches
+    statements = rows.inserts(run, new_steps)
     # A step that nothing else in the workflow runs beside carries its work to a worker
     # that would read it from a database server (SQLite's read is a call in its process).
     if len(dispatches) == 1 and not db.reads_in_process():
@@ -294,8 +309,9 @@ def plan_workflow(
         queued_at = step.changed["queued_at"]
         work = claims.carry(run["id"], run["spec"], step, states.values(), queued_at)
         dispatches = [replace(dispatches[0], work=work)]
-    created = Created(run["id"], run["status"], tuple(dispatches))
-    return created, rows.inserts(run, new_steps)
+        if work is not None:  # it may be sent before the commit: see Created.send_early
+            statements.insert(0, (rows.SUBMIT_LOCK, {"workflow_id": run["id"]}))
+    return Created(run["id"], run["status"], tuple(dispatches)), statements
 
 
 def find_idempotent(session: Session, api_key_id: int | None, key: str) -> WorkflowRun | None:

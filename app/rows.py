@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.sql import Executable
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from app.prepared import Statement
 from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
@@ -269,6 +269,19 @@ MARK_RUNNING = (
     .values({**_RUNNING, "updated_at": bindparam("updated_at")})
     .returning(_s.id)
 )
+
+
+# A submit sent before its commit (PostgreSQL): the submit's transaction holds a lock named
+# after its workflow, taken by its first statement and released by its COMMIT (or its
+# rollback); a worker whose carried step finds no workflow waits on the same lock, then
+# looks again (:func:`app.claims.submitted`). A transaction-level advisory lock, in a
+# class of its own (the first key) so that it meets no other user of advisory locks.
+SUBMIT_LOCK_CLASS = 0x436F7272  # "Corr"
+_CLASS: ColumnElement[int] = literal_column(str(SUBMIT_LOCK_CLASS))
+_KEY: ColumnElement[int] = func.hashtext(bindparam("workflow_id"))
+SUBMIT_LOCK = select(func.pg_advisory_xact_lock(_CLASS, _KEY))
+SUBMIT_WAIT = select(func.pg_advisory_xact_lock_shared(_CLASS, _KEY))
+EXISTS = select(_w.id).where(_w.id == bindparam("workflow_id"))
 
 
 def claim_params(step_run_id: str, attempt: int, now: datetime) -> dict[str, Any]:

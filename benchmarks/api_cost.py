@@ -160,8 +160,12 @@ async def _measure(submit: Call, n: int, frozen: bool) -> dict[str, Any]:
 class _LoopRecorder(_Recorder):
     """Records sends, from the event loop too: the API submits there (as with Celery)."""
 
-    async def send_async(self, dispatches: Sequence[Dispatch]) -> None:
+    async def send_async(
+        self, dispatches: Sequence[Dispatch], committed: Awaitable[object] | None = None
+    ) -> None:
         self.sent.extend(dispatches)
+        if committed is not None:
+            await committed
 
 
 # (column, on the loop, frozen): the shipped submit, the thread pool's, the shipped unfrozen.

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
 from app import claims, engine, live
 from app.claims import StepWork
 from app.core.config import get_settings
-from app.dispatch import CeleryDispatcher
+from app.dispatch import CeleryDispatcher, forget_sent
 from app.engine import Dispatcher
 from app.errors import ServiceUnavailable, StepCancelled, StepError, StepSuperseded
 from app.spec import INPUT_MODELS
@@ -23,6 +24,7 @@ from workers.memory import memory_chat, uses_memory
 from workers.runtime import ModelRuntime, RunControl
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class InjectedFault(StepError):
@@ -46,12 +48,50 @@ def _cancel_requested(workflow_id: str) -> bool:
         return False
 
 
+def _submit_committed(work: StepWork) -> bool:
+    """Whether carried work's workflow was committed (:func:`app.claims.wait_submitted`).
+    When it never was (its submit failed after sending it), the step's sent-marker goes:
+    should the submit commit after all, the reconciler then sends the step again, as it
+    sends any committed step that no marker shows was sent."""
+    if claims.wait_submitted(work):
+        return True
+    log.warning(
+        "step %s attempt %s: workflow %s was not committed (its submit failed); dropped",
+        work.step_id,
+        work.attempt,
+        work.workflow_id,
+    )
+    try:
+        forget_sent(live.get_redis(), {work.step_run_id: work.attempt})
+    except (RedisError, OSError) as exc:  # it expires; the reconciler finds it confirmed
+        log.warning("cannot drop the sent-marker of step %s: %s", work.step_run_id, exc)
+    return False
+
+
+def _written(work: StepWork, write: Callable[[], T]) -> T:
+    """``write()``; for carried work whose workflow it did not find (its submit was sent
+    before the commit returned), again once the submit has committed. Raises
+    :class:`StepSuperseded` when it never did: the result has no workflow to go to."""
+    try:
+        return write()
+    except engine.StepGone:
+        if not work.unconfirmed:
+            raise
+    if not _submit_committed(work):
+        raise StepSuperseded("its workflow was not committed")
+    return write()
+
+
 def _late_claim(work: StepWork) -> bool | None:
     """Mark a step running that has run ``claim_after_s``: False when it is no longer this
     attempt's, None when the database cannot be reached now (asked again at the next poll;
     the result claims the step anyway)."""
     try:
-        return claims.mark_running(work)
+        marked = claims.mark_running(work)
+        if not marked and work.unconfirmed and _submit_committed(work):
+            marked = claims.mark_running(work)  # its submit had not committed yet
+        work.unconfirmed = work.unconfirmed and not marked
+        return marked
     except ServiceUnavailable as exc:
         log.warning("cannot mark step %s running yet: %s", work.step_id, exc)
         return None
@@ -76,6 +116,9 @@ def execute(work: StepWork, runtime: ModelRuntime) -> dict[str, Any]:
     if work.kind == "generate":
         out = runtime.generate(params, control)
     elif work.kind == "chat" and uses_memory(params):
+        # Memory is the workflow's tenant's: read from the workflow, once it is committed.
+        if work.unconfirmed and not _submit_committed(work):
+            raise StepSuperseded("its workflow was not committed")
         out = memory_chat(work, runtime, params, control)
     elif work.kind == "chat":
         out = runtime.chat(params, control)
@@ -119,15 +162,30 @@ def run_step(
     work = take(step_run_id, attempt, carried)
     if work is None:
         return "stale"
-    if work.input_error is not None:
-        engine.fail_step(
-            step_run_id,
-            attempt,
-            work.input_error,
-            retryable=False,
-            dispatcher=dispatcher,
-            started_at=work.started_at,
+    try:
+        return _run(work, runtime, dispatcher)
+    except StepSuperseded as exc:
+        log.info("step %s attempt %s stopped: %s", work.step_id, attempt, exc)
+        return "stale"
+
+
+def _run(work: StepWork, runtime: ModelRuntime | None, dispatcher: Dispatcher) -> str:
+    def fail(error: str, *, retryable: bool) -> str:
+        status = _written(
+            work,
+            lambda: engine.fail_step(
+                work.step_run_id,
+                work.attempt,
+                error,
+                retryable=retryable,
+                dispatcher=dispatcher,
+                started_at=work.started_at,
+            ),
         )
+        return str(status)
+
+    if work.input_error is not None:
+        fail(work.input_error, retryable=False)
         return "failed"
     try:
         if runtime is None:
@@ -135,36 +193,28 @@ def run_step(
 
             runtime = get_runtime()
         output = execute(work, runtime)
-    except StepSuperseded as exc:
-        log.info("step %s attempt %s stopped: %s", work.step_id, attempt, exc)
-        return "stale"
+    except StepSuperseded:
+        raise
     except StepCancelled as exc:
         # The cancel already recorded the step as cancelled; add what the worker did.
-        engine.note_cancelled(step_run_id, attempt, str(exc), claimed=work.claimed)
+        engine.note_cancelled(work.step_run_id, work.attempt, str(exc), claimed=work.claimed)
         return "cancelled"
     except StepError as exc:
-        status = engine.fail_step(
-            step_run_id,
-            attempt,
-            str(exc),
-            retryable=exc.retryable,
-            dispatcher=dispatcher,
-            started_at=work.started_at,
-        )
-        log.info("step %s attempt %s failed (%s): %s", work.step_id, attempt, status, exc)
-        return str(status)
+        status = fail(str(exc), retryable=exc.retryable)
+        log.info("step %s attempt %s failed (%s): %s", work.step_id, work.attempt, status, exc)
+        return status
     except Exception as exc:
-        log.exception("step %s attempt %s crashed", work.step_id, attempt)
-        status = engine.fail_step(
-            step_run_id,
-            attempt,
-            f"{type(exc).__name__}: {exc}",
-            retryable=True,
-            dispatcher=dispatcher,
+        log.exception("step %s attempt %s crashed", work.step_id, work.attempt)
+        return fail(f"{type(exc).__name__}: {exc}", retryable=True)
+    stored = _written(
+        work,
+        lambda: engine.complete_step(
+            work.step_run_id,
+            work.attempt,
+            output,
+            dispatcher,
             started_at=work.started_at,
-        )
-        return str(status)
-    stored = engine.complete_step(
-        step_run_id, attempt, output, dispatcher, started_at=work.started_at, seen=work.seen
+            seen=work.seen,
+        ),
     )
     return "succeeded" if stored else "discarded"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from app.engine import Dispatch
@@ -17,5 +17,9 @@ class RecordingDispatcher:
     def send(self, dispatches: Sequence[Dispatch]) -> None:
         self.sent.extend(dispatches)
 
-    async def send_async(self, dispatches: Sequence[Dispatch]) -> None:
+    async def send_async(
+        self, dispatches: Sequence[Dispatch], committed: Awaitable[object] | None = None
+    ) -> None:
         self.sent.extend(dispatches)
+        if committed is not None:
+            await committed

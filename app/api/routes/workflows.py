@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -190,11 +191,16 @@ async def _accept(
         return await run_in_threadpool(
             _submit, raw, response, key, platform, idempotency_key, workflow_id
         )
+    sent = False
     if loop_db is not None:  # written on a database server, awaited on the loop
         run, statements = engine.plan_workflow(
             validated, api_key_id=key.id, workflow_id=workflow_id
         )
-        await loop_db.script(statements)
+        if run.send_early:
+            await _write_and_send(loop_db, statements, sender, run)
+            sent = True
+        else:
+            await loop_db.script(statements)
     else:
         try:
             with inline.active():
@@ -205,11 +211,30 @@ async def _accept(
             response.headers["Location"] = f"/v1/workflows/{run.id}"
             return _summary(run)
     SUBMIT_PATHS["event_loop"] += 1
-    await sender.send_async(run.dispatches)
+    if not sent:
+        await sender.send_async(run.dispatches)
     if run.status.terminal:  # every step skipped at once: wake its waiters
         await run_in_threadpool(notify.publish_finished, run.id)
     response.headers["Location"] = f"/v1/workflows/{run.id}"
     return _summary(run)
+
+
+async def _write_and_send(
+    loop_db: loopdb.LoopDatabase,
+    statements: list[prepared.Statement],
+    sender: engine.AsyncDispatcher,
+    run: engine.Created,
+) -> None:
+    """Write a new workflow whose one step carries its work (:attr:`engine.Created.send_early`)
+    and send that step while the commit is under way: its worker reads nothing before the
+    model, so the model starts a round trip and a flush to disk sooner. The client still
+    hears of the workflow only once it is committed. The statements go out first and
+    their first takes the submit's lock, which the worker's first write waits on; a write
+    that still finds no workflow looks again, and a submit that fails leaves a step that
+    runs and is dropped (:func:`app.claims.wait_submitted`)."""
+    written = asyncio.ensure_future(loop_db.script(statements))
+    await asyncio.sleep(0)  # the statements leave before the message
+    await sender.send_async(run.dispatches, committed=written)
 
 
 def _validate(raw: Any, platform: Submission) -> ValidatedWorkflow:
