@@ -88,7 +88,8 @@ def carry(
 
     Only a step that nothing else in its workflow runs beside may carry its work: until
     its result, the workflow's rows change only by a cancel (its flag in Redis, which the
-    worker checks before it starts) or an operator. Its result is checked against the
+    worker checks before it starts a step that waited in its queue, and at the model's
+    polls: :func:`workers.steps.take`) or an operator. Its result is checked against the
     rows under the workflow's lock, as every result is, so a delivery that is no longer
     the step's (a duplicate, a cancel whose flag was lost) has its result refused."""
     text = json.dumps(

@@ -142,10 +142,26 @@ def take(step_run_id: str, attempt: int, carried: str | None = None) -> StepWork
         return claims.open_step(step_run_id, attempt)
     # Not read: a cancel is seen here, by its flag (the read would have seen the step
     # cancelled). Without the flag (Redis lost it) the step runs and its result is refused.
-    if _cancel_requested(work.workflow_id):
+    if _needs_cancel_check(work) and _cancel_requested(work.workflow_id):
         log.info("dropping step %s attempt %s: its workflow was cancelled", work.step_id, attempt)
         return None
     return work
+
+
+def _needs_cancel_check(work: StepWork) -> bool:
+    """Whether carried work looks at its workflow's cancel flag before the model starts.
+
+    Not when it was sent less than ``cancel_poll_s`` ago and has no effect but its result
+    (no conversation memory, no tools): a cancel can only have come in that window, and
+    the model's first poll of the flag comes ``cancel_poll_s`` after it starts, so the
+    step generates no longer than a step that was running when the cancel came would;
+    a result that ends first is refused under the workflow's lock, as every result of a
+    cancelled workflow is. That saves a Redis round trip on the way to the model. A step
+    that waited longer in its queue (a backlog) is checked and dropped unstarted; a send
+    time ahead of this host's clock counts as recent."""
+    if work.kind == "chat" and uses_memory(work.input):
+        return True
+    return work.queued_ms >= get_settings().cancel_poll_s * 1000
 
 
 def run_step(

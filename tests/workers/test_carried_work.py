@@ -2,18 +2,20 @@
 
 On a database server its worker takes the step from the message instead of reading it:
 no round trip before the model runs. What it takes equals what the read gives; a cancel
-is seen by its flag; a delivery that is no longer the step's (a duplicate, a cancel whose
-flag was lost) runs and has its result refused, changing nothing; text that is not this
+is seen by its flag (read before the model only for a step that waited in its queue
+longer than a cancel poll, or whose chat uses memory; otherwise at the model's first
+poll); a delivery that is no longer the step's (a duplicate, a cancel whose flag was
+lost) runs and has its result refused, changing nothing; text that is not this
 delivery's is ignored and the step read. The product's task on a real Celery worker takes
 the header. On SQLite, whose read is a call in the worker's process, nothing is carried.
-PostgreSQL for the carried path, with the tiny model on llama.cpp.
-"""
+PostgreSQL for the carried path, with the tiny model on llama.cpp."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import threading
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -23,13 +25,13 @@ from app import claims, engine, live
 from app.core.config import Settings, use_settings
 from app.dispatch import CeleryDispatcher
 from app.engine import Dispatch
-from app.tables import StepStatus, WorkflowStatus
+from app.tables import StepStatus, WorkflowStatus, utcnow
 from models.catalog import load_catalog
 from tests.app.test_engine import create, gen, steps_of, workflow
 from tests.utils.databases import with_database
 from tests.utils.recording import RecordingDispatcher
 from workers.runtime import LlamaCppRuntime, ModelRuntime
-from workers.steps import run_step
+from workers.steps import run_step, take
 
 # What a taken step holds that does not depend on when or how it was taken.
 _FIELDS = ("step_run_id", "workflow_id", "step_id", "kind", "model", "attempt", "input")
@@ -155,16 +157,38 @@ def test_a_carried_step_runs_without_a_read(
     assert engine.SEEN_RESULTS["stored"] - stored == 1
 
 
+def _sent_at(text: str, at: datetime) -> str:
+    """Carried work as if its step had been queued at ``at`` (the API host's clock)."""
+    return json.dumps({**json.loads(text), "queued_at": at.isoformat()})
+
+
+@pytest.fixture
+def flag_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every look at a workflow's cancel flag in Redis, still made."""
+    made: list[str] = []
+    real = live.is_cancelled
+
+    def spy(workflow_id: str) -> bool:
+        made.append(workflow_id)
+        return real(workflow_id)
+
+    monkeypatch.setattr(live, "is_cancelled", spy)
+    return made
+
+
 @pytest.mark.usefixtures("pg")
-def test_a_cancelled_workflow_s_carried_step_does_not_run(
-    settings: Settings, counting: CountingRuntime
+def test_a_cancelled_workflow_s_carried_step_that_waited_does_not_run(
+    settings: Settings, counting: CountingRuntime, flag_reads: list[str]
 ) -> None:
+    # Queued longer ago than a cancel poll (a backlog): the flag is read before the model.
     wid, d = _one(settings)
+    assert d.work is not None
     engine.cancel_workflow(wid)
     live.request_cancel(wid)  # what the API's cancel does besides
     before = steps_of(wid)["a"]
-    assert _run(d, counting, d.work) == "stale"
-    assert counting.calls == 0
+    waited = _sent_at(d.work, utcnow() - timedelta(seconds=10))
+    assert _run(d, counting, waited) == "stale"
+    assert counting.calls == 0 and flag_reads == [wid]
     after = steps_of(wid)["a"]
     assert (after.status, after.attempts, after.output, after.updated_at) == (
         StepStatus.cancelled,
@@ -172,6 +196,71 @@ def test_a_cancelled_workflow_s_carried_step_does_not_run(
         None,
         before.updated_at,
     )
+
+
+@pytest.mark.usefixtures("pg")
+def test_a_fresh_carried_step_starts_without_reading_the_flag(
+    settings: Settings, counting: CountingRuntime, flag_reads: list[str]
+) -> None:
+    # Sent within a cancel poll: no round trip to Redis before the model. A cancel made
+    # meanwhile stops it at its first poll, and its result is refused either way.
+    wid, d = _one(settings)
+    assert d.work is not None
+    assert _run(d, counting, d.work) == "succeeded"
+    assert flag_reads == [] and counting.calls == 1
+    assert steps_of(wid)["a"].status is StepStatus.succeeded
+
+    # Cancelled (flag set) and fresh: a short step runs and its result is refused.
+    wid, d = _one(settings)
+    assert d.work is not None
+    engine.cancel_workflow(wid)
+    live.request_cancel(wid)
+    before = steps_of(wid)["a"]
+    with use_settings(settings.model_copy(update={"cancel_poll_s": 60.0})):
+        assert _run(d, counting, d.work) == "discarded"
+    assert flag_reads == [] and counting.calls == 2
+    after = steps_of(wid)["a"]
+    assert (after.status, after.output, after.updated_at) == (
+        StepStatus.cancelled,
+        None,
+        before.updated_at,
+    )
+
+    # A long one stops at its first poll of the flag. (Its send time ahead of this
+    # host's clock, as with a skewed API host: fresh however slow this test runs.)
+    long = {"prompt": "hi", "max_tokens": 400, "ignore_eos": True}
+    wid, d = _one(settings, [gen("a", input=long)])
+    assert d.work is not None
+    engine.cancel_workflow(wid)
+    live.request_cancel(wid)
+    ahead = _sent_at(d.work, utcnow() + timedelta(seconds=30))
+    with use_settings(settings.model_copy(update={"cancel_poll_s": 0.005})):
+        assert _run(d, counting, ahead) == "cancelled"
+    assert flag_reads == [wid] and counting.calls == 3
+    after = steps_of(wid)["a"]
+    assert after.status is StepStatus.cancelled and after.output is None
+    assert after.error is not None and "stopped the model after" in after.error
+    stopped_at = int(after.error.split("after ")[1].split(" ")[0])
+    assert 0 < stopped_at < 400
+
+
+@pytest.mark.usefixtures("pg")
+def test_a_fresh_carried_memory_chat_reads_the_flag_first(
+    settings: Settings, flag_reads: list[str]
+) -> None:
+    # A step with effects beyond its result (memory tools) never starts once cancelled.
+    tools = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": ["memory_append"],
+        "user_id": "u1",
+        "max_tokens": 4,
+    }
+    wid, d = _one(settings, [{"id": "c", "kind": "chat", "model": "tiny-chat", "input": tools}])
+    assert d.work is not None
+    engine.cancel_workflow(wid)
+    live.request_cancel(wid)
+    assert take(d.step_run_id, d.attempt, d.work) is None
+    assert flag_reads == [wid]
 
 
 @pytest.mark.usefixtures("pg")
