@@ -87,6 +87,7 @@ def gpu_tokens(
     corral_decode: list[float] = []
     direct_e2e: list[float] = []
     direct_decode: list[float] = []
+    tokens_made: dict[str, set[int]] = {"corral": set(), "direct": set()}
     try:
         with stack.client(key) as client:
             for i in range(n + 1):  # the first pair warms both up
@@ -101,15 +102,20 @@ def gpu_tokens(
                         if run["status"] != "succeeded":
                             raise RuntimeError(f"GPU step failed: {run}")
                         if i:
+                            tokens_made["corral"].add(int(out["completion_tokens"]))
                             corral_e2e.append(out["completion_tokens"] / wall)
                             corral_decode.append(out["timings"]["tokens_per_s"])
                     else:
                         wall, decode_s, tokens = _direct(llm, call)
                         if i:
+                            tokens_made["direct"].add(tokens)
                             direct_e2e.append(tokens / wall)
                             direct_decode.append(tokens / max(decode_s, 1e-9))
     finally:
         llm.close()
+    if tokens_made["corral"] != tokens_made["direct"]:
+        # Both sides suppress the end of sequence: a difference means unequal work.
+        raise RuntimeError(f"the two sides generated different token counts: {tokens_made}")
     size = gpu.path.stat().st_size
     bandwidth = bandwidth_gbs or bandwidth_for(gpu_names)
     ceiling = bandwidth * 1e9 / size if bandwidth else None
@@ -121,6 +127,7 @@ def gpu_tokens(
         "gpus": gpu_names,
         "n": n,
         "max_tokens": call.max_tokens,
+        "completion_tokens": sorted(tokens_made["direct"]),
         "corral_e2e_tok_s": summary(corral_e2e, 1),
         "direct_e2e_tok_s": summary(direct_e2e, 1),
         "corral_decode_tok_s": summary(corral_decode, 1),

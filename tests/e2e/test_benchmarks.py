@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.core.config import PACKAGE_ROOT
+from models.tiny import make_tiny
 from tests.utils.databases import PG_URL, create_pg_database, drop_pg_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -65,6 +66,41 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
         "fan_out_ratio",
     }
     assert "step overhead" in done.stdout
+
+
+def test_the_gpu_figure_runs_its_path_on_the_cpu(tmp_path: Path) -> None:
+    """Figure 5's whole path (a `corral worker` for the given GGUF, the same model loaded
+    in the benchmark, interleaved long generations, the bandwidth ceiling) with
+    `--gpu-device none`, so that it works the day a GPU is lent: the tiny chat model, end
+    of sequence suppressed on both sides, the ceiling from the bandwidth given."""
+    model = make_tiny(tmp_path / "models", ["tiny-chat"])[0]
+    out = tmp_path / "gpu.json"
+    args = ["--only", "gpu", "--gpu-model", str(model), "--gpu-device", "none"]
+    args += ["--gpu-n", "2", "--gpu-max-tokens", "48", "--gpu-bandwidth-gbs", "100"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *args, "--json", str(out)],
+        cwd=PACKAGE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    assert set(figures) == {"gpu"}
+    gpu = figures["gpu"]
+    assert gpu["run"] is True and gpu["device"] == "none" and gpu["n"] == 2
+    assert gpu["model"] == model.name and gpu["model_bytes"] == model.stat().st_size
+    assert gpu["completion_tokens"] == [48]  # every run of both sides: the same work
+    for side in ("corral", "direct"):
+        for kind in ("e2e", "decode"):
+            tok_s = gpu[f"{side}_{kind}_tok_s"]
+            assert tok_s["n"] == 2 and tok_s["median"] > 0, (side, kind)
+    assert gpu["ceiling_tok_s"] == round(100e9 / model.stat().st_size, 1)
+    assert gpu["decode_ratio"] == round(
+        gpu["corral_decode_tok_s"]["median"] / gpu["direct_decode_tok_s"]["median"], 3
+    )
+    assert gpu["corral_fraction_of_ceiling"] > 0 and gpu["direct_fraction_of_ceiling"] > 0
+    assert "5. GPU tokens/s" in done.stdout and "not run" not in done.stdout
 
 
 def table_rows(module: str, *args: str, timeout_s: float) -> list[list[str]]:
