@@ -6,10 +6,16 @@ that prepared and failed, costs that connection and nothing else; with
 
 from __future__ import annotations
 
+import asyncio
+import math
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg.types.json import Json
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql import Executable
@@ -19,19 +25,20 @@ from app.core.config import Settings
 from app.migrate import upgrade
 from app.tables import StepStatus, new_id
 from tests.utils.databases import create_pg_database, drop_pg_database
-from tests.utils.engine_rows import run_row, step_rows
+from tests.utils.engine_rows import AWKWARD, run_row, step_rows
 
 
 def test_the_server_form_numbers_each_placeholder_once() -> None:
     form = prepared._server_form("SELECT %(a)s, %(b)s::VARCHAR, %(a)s, '50%%' FROM t")
     assert form is not None
-    name, prepare, execute = form
+    name, prepare, execute, order = form
     assert name.startswith("corral_") and len(name) <= 63  # PostgreSQL's identifier limit
     assert prepare == f"PREPARE {name} AS SELECT $1, $2::VARCHAR, $1, '50%' FROM t"
     assert execute == f"EXECUTE {name}(%(a)s, %(b)s)"
+    assert order == ("a", "b")
     plain = prepared._server_form("SELECT 1")
     assert plain is not None
-    assert plain[1:] == (f"PREPARE {plain[0]} AS SELECT 1", f"EXECUTE {plain[0]}")
+    assert plain[1:] == (f"PREPARE {plain[0]} AS SELECT 1", f"EXECUTE {plain[0]}", ())
     assert prepared._server_form("SELECT %s") is None  # positional: not this form
     assert plain[0] != name  # the name follows the text: another statement, another name
 
@@ -43,6 +50,79 @@ def pg_engine(settings: Settings) -> Iterator[Engine]:
     engine = db.make_engine(settings.sqlalchemy_url)
     yield engine
     engine.dispose()
+
+
+# Values of each kind the engine binds, and the awkward ones of each: (value, its cast).
+VALUES: list[tuple[Any, str]] = [
+    (AWKWARD, "text"),
+    ("", "text"),
+    ("back\\slash at the end\\", "text"),
+    ("''; DROP TABLE workflow_run; --", "text"),
+    ("ünïcode ☃ 𝄞", "text"),
+    (0, "bigint"),
+    (-(2**40), "bigint"),
+    (1.5, "float8"),
+    (-0.0, "float8"),
+    (math.inf, "float8"),
+    (True, "boolean"),
+    (False, "boolean"),
+    (None, "text"),
+    (datetime(2026, 11, 23, 10, 49, 4, 119660, tzinfo=UTC), "timestamptz"),
+    (
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-3, minutes=-30))),
+        "timestamptz",
+    ),
+    (date(2026, 2, 28), "date"),
+    (uuid.UUID("3f1c2d4e-5a6b-7c8d-9e0f-1a2b3c4d5e6f"), "uuid"),
+    (Json({"text": AWKWARD, "n": [1, 2.5, None]}), "json"),
+    (b"\x00\xff'\\", "bytea"),
+]
+
+
+def _form(casts: list[str]) -> tuple[prepared.ServerForm, dict[str, Any]]:
+    names = [f"v{i}" for i in range(len(casts))]
+    sql = "SELECT " + ", ".join(f"%({n})s::{c}" for n, c in zip(names, casts, strict=True))
+    form = prepared._server_form(sql + ", %(v0)s::text")  # a name used twice: bound once
+    assert form is not None and form.order == tuple(names)
+    return form, {n: v for n, (v, _) in zip(names, VALUES, strict=True)}
+
+
+def test_a_named_call_is_bound_as_psycopgs_client_cursor_binds_it(pg_engine: Engine) -> None:
+    """The Binder binds each value of a named statement's call as ``mogrify`` would, on
+    the worker's cursor and the API's async one; the values read back are the ones bound;
+    a value psycopg refuses is refused the same way, before anything is sent."""
+    form, params = _form([c for _, c in VALUES])
+    with pg_engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        cursor = psycopg.ClientCursor(driver)
+        bound = prepared.Binder(cursor).call(form, params)
+        assert bound == cursor.mogrify(form.execute, params)
+        assert bound.startswith(f"EXECUTE {form.name}(") and "DROP TABLE workflow_run; --'" in bound
+        cursor.execute(form.prepare)
+        cursor.execute(bound)
+        row = cursor.fetchone()
+        assert row is not None
+        expected = [v.obj if isinstance(v, Json) else v for v, _ in VALUES]
+        assert list(row[:-1]) == expected and row[-1] == AWKWARD
+        with pytest.raises(psycopg.DataError, match="NUL"):
+            prepared.Binder(cursor).call(form, {**params, "v1": "a\x00b"})
+        with pytest.raises(psycopg.DataError, match="NUL"):
+            cursor.mogrify(form.execute, {**params, "v1": "a\x00b"})
+        plain = prepared._server_form("SELECT 1")
+        assert plain is not None and prepared.Binder(cursor).call(plain, {}) == plain.execute
+        cursor.execute("DEALLOCATE " + form.name)
+        dsn = driver.info.dsn
+
+    async def on_the_loop() -> tuple[str, str]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as aconn:
+            acursor = psycopg.AsyncClientCursor(aconn)
+            return prepared.Binder(acursor).call(form, params), acursor.mogrify(
+                form.execute, params
+            )
+
+    on_loop, by_mogrify = asyncio.run(on_the_loop())
+    assert on_loop == by_mogrify == bound
 
 
 def _workflow(conn: Connection, n: int = 2) -> tuple[str, list[str]]:
