@@ -13,7 +13,7 @@ takes the locked path instead of the one round trip the states carried or read a
 row ``result, locked``), side by side::
 
     python -m benchmarks.engine_cost [--n 300] [--database postgresql://…] [--rtt-ms MS]
-                                     [--compare]
+                                     [--compare [execute|binding]]
 
 ``--rtt-ms`` reaches the server database through a proxy that adds that round-trip time
 (``benchmarks/delay_proxy.py``), as a database on another host would.
@@ -21,6 +21,9 @@ row ``result, locked``), side by side::
 ``--compare`` runs the four calls alternately with the engine's statements on the
 driver's cursor (``app/prepared.py``, as shipped) and through SQLAlchemy's
 ``Connection.execute`` (as before it), and prints the mean CPU per call each way.
+``--compare binding`` (a server database only) alternates the way a PostgreSQL script's
+named calls are bound: psycopg's quoting per value (``prepared.Binder``, as shipped)
+against ``ClientCursor.mogrify`` of the call's template (as before it).
 
 SQLite (a file in a temporary directory) always; a server database too with
 ``--database`` or ``CORRAL_BENCH_DATABASE_URL`` (it is migrated and written to). The
@@ -290,18 +293,45 @@ def _through_connection_execute(conn: Any, stmt: Any, params: Any = None) -> pre
     return prepared.Rows(result.all()) if result.returns_rows else prepared.Rows()
 
 
-def compare(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str, float]]:
-    """Mean CPU ms per call, the engine's statements on the driver's cursor (as shipped)
-    against the same statements through ``Connection.execute``, alternating per workflow."""
-    ways = {"cursor": prepared.execute, "execute": _through_connection_execute}
+class _MogrifyBinder(prepared.Binder):
+    """A named call bound as before :class:`app.prepared.Binder`: ``mogrify`` of its
+    template, which parses the template and reorders the values on every call."""
+
+    __slots__ = ()
+
+    def call(self, form: prepared.ServerForm, params: prepared.Params) -> str:
+        return self.mogrify(form.execute, params)
+
+
+# What --compare alternates: the module attribute swapped, the shipped way, the old way.
+COMPARISONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "execute": (
+        "execute",
+        {"driver's cursor": prepared.execute, "Connection.execute": _through_connection_execute},
+    ),
+    "binding": (
+        "Binder",
+        {"Binder": prepared.Binder, "mogrify": _MogrifyBinder},
+    ),
+}
+
+
+def compare(
+    settings: Settings, n: int, what: str = "execute", warmup: int = 20
+) -> dict[str, dict[str, float]]:
+    """Mean CPU ms per call, the shipped way (``COMPARISONS[what]``'s first) against the
+    old one, alternating per workflow."""
+    attribute, ways = COMPARISONS[what]
+    shipped = next(iter(ways.values()))
     cpu: dict[str, dict[str, list[float]]] = {w: {c: [] for c in CALLS} for w in ways}
+    names = list(ways)
     try:
         with use_settings(settings):
             upgrade(settings.sqlalchemy_url)
             catalog = load_catalog(settings.catalog_path)
             for i in range(warmup + 2 * n):
-                way = "cursor" if i % 2 else "execute"
-                prepared.execute = ways[way]
+                way = names[i % 2]
+                setattr(prepared, attribute, ways[way])
                 one = _OneWorkflow(validate_workflow(SPEC, catalog, settings))
                 for name in CALLS:
                     c0 = _cpu_ms()
@@ -309,7 +339,7 @@ def compare(settings: Settings, n: int, warmup: int = 20) -> dict[str, dict[str,
                     if i >= warmup:
                         cpu[way][name].append(_cpu_ms() - c0)
     finally:
-        prepared.execute = ways["cursor"]
+        setattr(prepared, attribute, shipped)
     db.dispose_engines()
     return {c: {w: round(statistics.mean(cpu[w][c]), 3) for w in ways} for c in CALLS}
 
@@ -350,9 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--database", default=os.environ.get(DATABASE_ENV), help="a server database")
     p.add_argument(
         "--compare",
-        action="store_true",
-        help="CPU per call with the statements on the driver's cursor (as shipped) against "
-        "SQLAlchemy's Connection.execute, alternating per workflow",
+        nargs="?",
+        const="execute",
+        choices=sorted(COMPARISONS),
+        help="CPU per call, alternating per workflow: the statements on the driver's cursor "
+        "(as shipped) against SQLAlchemy's Connection.execute (execute, the default), or a "
+        "PostgreSQL script's calls bound per value (as shipped) against mogrify (binding)",
     )
     p.add_argument(
         "--rtt-ms",
@@ -403,24 +436,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_compare(args: argparse.Namespace) -> int:
+    what = args.compare
+    if what == "binding" and not args.database:
+        print("--compare binding needs a PostgreSQL database (--database)", file=sys.stderr)
+        return 2
+    ways = list(COMPARISONS[what][1])
     results: dict[str, dict[str, dict[str, float]]] = {}
     with _environment(args.database) as settings_by_db:
         for name, settings in settings_by_db.items():
-            results[name] = compare(settings, args.n)
+            if what == "binding" and name == "sqlite":
+                continue  # SQLite binds nothing on the client
+            results[name] = compare(settings, args.n, what)
     table = Table(
         title=f"CPU per call (mean ms), {args.n} one-step workflows each way, alternating"
     )
-    for col in ("database", "call", "driver's cursor", "Connection.execute", "ratio"):
+    for col in ("database", "call", *ways, "ratio"):
         table.add_column(col)
     for name, by_call in results.items():
-        total = {w: sum(r[w] for r in by_call.values()) for w in ("cursor", "execute")}
+        total = {w: sum(r[w] for r in by_call.values()) for w in ways}
         for call, r in [*by_call.items(), ("all four", total)]:
             table.add_row(
-                name,
-                call,
-                f"{r['cursor']:.3f}",
-                f"{r['execute']:.3f}",
-                f"{r['cursor'] / r['execute']:.2f}",
+                name, call, *(f"{r[w]:.3f}" for w in ways), f"{r[ways[0]] / r[ways[1]]:.2f}"
             )
     Console().print(table)
     return 0

@@ -199,6 +199,38 @@ def test_the_engine_cost_compares_the_cursor_with_connection_execute() -> None:
         assert abs(float(row[4]) - float(row[2]) / float(row[3])) < 0.02
 
 
+def test_the_engine_cost_compares_the_binder_with_mogrify_on_postgresql() -> None:
+    """`python -m benchmarks.engine_cost --compare binding`: both ways of binding a
+    script's named calls run every call on PostgreSQL; without a server database the
+    comparison is refused with a message, since SQLite binds nothing on the client."""
+    refused = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine_cost", "--compare", "binding", "--database", ""],
+        cwd=PACKAGE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "--compare binding needs a PostgreSQL database (--database)" in refused.stderr
+    if not PG_URL:
+        pytest.skip("the binding is PostgreSQL's")
+    pg_url = create_pg_database()
+    try:
+        rows = table_rows(
+            "benchmarks.engine_cost",
+            *("--n", "5", "--compare", "binding", "--database", pg_url),
+            timeout_s=240,
+        )
+    finally:
+        drop_pg_database(pg_url)
+    assert [(r[0], r[1]) for r in rows] == [
+        ("postgresql", c) for c in ("submit", "claim", "result", "read", "all four")
+    ]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0
+        assert abs(float(row[4]) - float(row[2]) / float(row[3])) < 0.02
+
+
 def test_the_api_cost_runs_on_the_loop_in_the_thread_pool_and_unfrozen() -> None:
     """`python -m benchmarks.api_cost`: real submits through the ASGI app, on the event
     loop with the start-up objects frozen (as `corral api` runs), in the thread pool, and
