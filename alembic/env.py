@@ -6,10 +6,10 @@ from logging.config import fileConfig
 
 from sqlmodel import SQLModel
 
-import app.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
+import app.store.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 from alembic import context
 from app.core.config import get_settings
-from app.db import make_engine
+from app.store.db import make_engine
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):

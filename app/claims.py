@@ -24,9 +24,10 @@ from typing import Any
 from jinja2 import TemplateError
 from sqlalchemy import Connection
 
-from app import db, prepared, rows, specs
-from app.tables import StepStatus, utcnow
-from app.templating import render_value
+from app import prepared, rows, specs
+from app.store import db
+from app.store.tables import StepStatus, utcnow
+from app.workflows.templating import render_value
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,13 @@ from redis.exceptions import RedisError
 from sqlalchemy import update
 from sqlmodel import select
 
-from app import db, inline, live
+from app import inline
+from app.store import db
+from app.scheduler import live
 from app.claims import WORK_HEADER
 from app.core.config import get_settings
 from app.engine import SENDABLE, Dispatch, Dispatcher
-from app.tables import StepRun, StepStatus, utcnow
+from app.store.tables import StepRun, StepStatus, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,14 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, select
 
-from app import claims, db, notify, prepared, rows, specs
-from app.errors import ConflictError, NotFoundError
+from app import claims, notify, prepared, rows, specs
+from app.store import db
+from app.core.errors import ConflictError, NotFoundError
 from app.rows import SENDABLE, StepState, WorkflowState
-from app.schemas import WorkflowPublic
-from app.spec import ValidatedWorkflow
-from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus, new_id, utcnow
-from app.templating import evaluate
+from app.workflows.schemas import WorkflowPublic
+from app.workflows.spec import ValidatedWorkflow
+from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus, new_id, utcnow
+from app.workflows.templating import evaluate
 
 log = logging.getLogger(__name__)
 

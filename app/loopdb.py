@@ -13,10 +13,10 @@ A :class:`LoopDatabase` belongs to one event loop (an asyncio connection cannot 
 another): :func:`for_loop` finds or makes the running loop's. It holds up to ``size``
 connections in autocommit (a script sends its own ``BEGIN``/``COMMIT``, or is one
 implicit transaction); a request that finds them all in use waits for one, on the loop.
-A connection idle for :data:`app.db.PING_AFTER_IDLE_S` is pinged before use, as the
+A connection idle for :data:`app.store.db.PING_AFTER_IDLE_S` is pinged before use, as the
 thread pool's are. After any error a connection is closed, not reused: its session's
 state (a transaction left open, statements half prepared) is unknown; a lost server
-closes every idle one too. Errors are raised as :func:`app.db.connection_scope` raises
+closes every idle one too. Errors are raised as :func:`app.store.db.connection_scope` raises
 them: a server that cannot be reached is :class:`ServiceUnavailable` (503), anything else
 SQLAlchemy's error for the driver's.
 """
@@ -36,9 +36,10 @@ import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app import db, prepared
+from app import prepared
+from app.store import db
 from app.core.config import get_settings
-from app.errors import ServiceUnavailable
+from app.core.errors import ServiceUnavailable
 
 # Connections one loop holds at most: the thread pool's engine holds 5 (and 10 more
 # while busy); a request beyond these waits for one on the loop.

@@ -34,9 +34,9 @@ import redis.asyncio as aioredis
 from redis.connection import AbstractConnection
 from redis.exceptions import RedisError
 
-from app import live
+from app.scheduler import live
 from app.core.config import get_settings
-from app.errors import ConfigError
+from app.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ CARRY_MAX = 32 * 1024  # the largest view a notice carries (characters of JSON)
 @dataclass(frozen=True, slots=True)
 class Carried:
     """A finished workflow's view as a notice carries it: whose it is, and its JSON (a
-    :class:`app.schemas.WorkflowPublic`)."""
+    :class:`app.workflows.schemas.WorkflowPublic`)."""
 
     api_key_id: int | None
     view: str

@@ -278,7 +278,7 @@ def script(
     when asked. A simple query runs its statements in order, each with a fresh snapshot
     (so a read after a ``FOR UPDATE`` sees what the lock waited for), and without
     ``BEGIN``/``COMMIT`` as one implicit transaction: all or nothing. The connection must
-    be in autocommit (:func:`app.db.connection_scope` with ``explicit=True``): the script,
+    be in autocommit (:func:`app.store.db.connection_scope` with ``explicit=True``): the script,
     not the driver, opens and ends the transaction. A list of parameter sets runs the
     statement once per set, an ``INSERT`` as one statement of many ``VALUES``.
 

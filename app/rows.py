@@ -37,7 +37,7 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from app.prepared import Statement
-from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
+from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 SENDABLE = (StepStatus.queued, StepStatus.retrying, StepStatus.waiting_for_pool)
 # What :data:`UNCHANGED`'s error says (``invalid input syntax for type integer: "…"``).

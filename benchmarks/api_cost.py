@@ -33,13 +33,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from app import db, keys, loopdb
+from app import loopdb
+from app.store import db
+from app.store import keys
 from app.api.routes.workflows import SUBMIT_PATHS
 from app.core.config import Settings, use_settings
 from app.core.process import freeze_startup_objects
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 from app.engine import Dispatch
-from app.migrate import upgrade
+from app.store.migrate import upgrade
 from benchmarks.engine_cost import SPEC, _Recorder
 from benchmarks.machine import describe
 from models.tiny import make_tiny

@@ -52,13 +52,14 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import event
 
-from app import db, engine, prepared, rows, specs
+from app import engine, prepared, rows, specs
+from app.store import db
 from app.api.routes.workflows import _fresh_view
 from app.core.config import Settings, use_settings
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 from app.engine import Dispatch
-from app.migrate import upgrade
-from app.spec import validate_workflow
+from app.store.migrate import upgrade
+from app.workflows.spec import validate_workflow
 from benchmarks import stats
 from benchmarks.delay_proxy import delayed
 from benchmarks.stack import DATABASE_ENV, REDIS_ENV, local_servers

@@ -63,7 +63,7 @@ def describe(database_url: str, redis_url: str) -> dict[str, Any]:
     """Everything that lets a reader compare this run with theirs."""
     import redis
 
-    from app import db
+    from app.store import db
 
     engine = db.get_engine(database_url)
     with engine.connect() as conn:

@@ -36,7 +36,7 @@ import numpy as np
 import redis
 
 from app.core.config import Settings
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 from app.memory.context import ContextRequest, assemble
 from app.memory.recall import hits_with_messages
 from app.memory.service import Memory, build_memory

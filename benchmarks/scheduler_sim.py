@@ -28,7 +28,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 from app.scheduler.estimate import MemoryEstimate, ModelShape, estimate
 from app.scheduler.inventory import GpuInfo
 from app.scheduler.ledger import Ledger

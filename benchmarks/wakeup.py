@@ -27,7 +27,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from app.embedded import EmbeddedRedis, free_port
+from app.core.embedded import EmbeddedRedis, free_port
 from benchmarks.client import KINDS, BenchClient, ClientKind, open_client
 
 _APP = """

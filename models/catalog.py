@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from app.errors import ConfigError, UnknownModelError
+from app.core.errors import ConfigError, UnknownModelError
 
 __all__ = ["CATALOG_PATH", "DEFAULT_N_CTX", "Catalog", "CatalogEntry", "load_catalog"]
 
@@ -166,7 +166,7 @@ def load_catalog(path: Path = CATALOG_PATH) -> Catalog:
 
     A cached catalog is reused while the file it was read from (device, inode, size and
     modification time, through any symlink) is unchanged: one ``stat`` a call, which the
-    API pays on every submit. Raises :class:`~app.errors.ConfigError` naming the file
+    API pays on every submit. Raises :class:`~app.core.errors.ConfigError` naming the file
     (and the entry) when the file is missing, is not valid YAML, or an entry does not
     validate.
     """

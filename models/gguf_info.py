@@ -2,7 +2,7 @@
 
 :func:`read_gguf_info` memory-maps the file with the ``gguf`` package's ``GGUFReader`` and
 returns a :class:`GgufInfo`; every way a file can be unusable (missing, not GGUF, cut
-short, garbled metadata) becomes a :class:`~app.errors.ModelFileError` that names the file,
+short, garbled metadata) becomes a :class:`~app.core.errors.ModelFileError` that names the file,
 the problem and what to do. :func:`verify_file` checks a file against a published size
 and sha256.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from gguf import GGUFReader
 
-from app.errors import ModelFileError
+from app.core.errors import ModelFileError
 
 __all__ = ["GgufInfo", "gguf_field", "open_gguf", "read_gguf_info", "sha256_file", "verify_file"]
 
@@ -106,7 +106,7 @@ def gguf_field(reader: GGUFReader, key: str) -> Any:
 def read_gguf_info(path: Path) -> GgufInfo:
     """Read the header of the GGUF file at ``path``.
 
-    Raises :class:`~app.errors.ModelFileError` when the file is missing, is not GGUF, is
+    Raises :class:`~app.core.errors.ModelFileError` when the file is missing, is not GGUF, is
     truncated (tensor data past the end of the file) or has unreadable metadata.
 
     Example::
@@ -159,7 +159,7 @@ def sha256_file(path: Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
 def verify_file(path: Path, size_bytes: int | None, sha256: str | None) -> None:
     """Check ``path`` against a published size and sha256 (either may be ``None``: unknown).
 
-    Raises :class:`~app.errors.ModelFileError` naming the expected and actual values.
+    Raises :class:`~app.core.errors.ModelFileError` naming the expected and actual values.
     """
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file; {FIX_HINT}")

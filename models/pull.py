@@ -5,7 +5,7 @@ Bytes go to ``<file>.part`` in the models directory. A later pull resumes it wit
 the pull start over cleanly. The finished part is checked against the catalog's size and
 sha256 (when published) and the server's Content-Length, read as GGUF, and only then
 renamed to its final name. httpx exceptions are translated to
-:class:`~app.errors.DownloadError` here, at the boundary.
+:class:`~app.core.errors.DownloadError` here, at the boundary.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from app.errors import DownloadError, ModelFileError
+from app.core.errors import DownloadError, ModelFileError
 from models.catalog import CatalogEntry
 from models.gguf_info import read_gguf_info, sha256_file, verify_file
 
@@ -53,9 +53,9 @@ def pull(
 
     A file that is already there is verified (size, sha256, GGUF header) and returned.
     Otherwise the download resumes from ``<file>.part`` if there is one. Raises
-    :class:`~app.errors.DownloadError` for HTTP and network errors and for a download that
+    :class:`~app.core.errors.DownloadError` for HTTP and network errors and for a download that
     does not match the catalog (the bad part is deleted), and
-    :class:`~app.errors.ModelFileError` for a present file that does not verify.
+    :class:`~app.core.errors.ModelFileError` for a present file that does not verify.
 
     Example::
 

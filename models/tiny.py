@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from gguf import GGUFWriter, LlamaFileType, PoolingType, TokenType
 
-from app.errors import UnknownModelError
+from app.core.errors import UnknownModelError
 
 __all__ = ["CHAT_TEMPLATE", "TINY_MODELS", "TinySpec", "make_tiny", "tiny_vocab"]
 

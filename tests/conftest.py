@@ -17,10 +17,12 @@ import pytest
 import redis
 from sqlalchemy import Engine
 
-from app import db, live, prepared
+from app import prepared
+from app.store import db
+from app.scheduler import live
 from app.core.config import Settings, use_settings
-from app.embedded import EmbeddedRedis
-from app.migrate import upgrade
+from app.core.embedded import EmbeddedRedis
+from app.store.migrate import upgrade
 from models.tiny import make_tiny
 from tests.utils.databases import (
     BACKENDS,
@@ -141,7 +143,7 @@ def private_pg() -> Iterator[PrivatePostgres]:
 
 @pytest.fixture
 def private_pg_engine(private_pg: PrivatePostgres) -> Iterator[Engine]:
-    """Corral's engine (app.db.make_engine) on the private PostgreSQL server."""
+    """Corral's engine (app.store.db.make_engine) on the private PostgreSQL server."""
     eng = db.make_engine(private_pg.url.replace("postgresql://", "postgresql+psycopg://"))
     try:
         yield eng

@@ -11,9 +11,10 @@ import pytest
 import yaml
 from sqlalchemy import inspect
 
-from app import db, keys
-from app.embedded import free_port
-from app.errors import AuthError
+from app.store import db
+from app.store import keys
+from app.core.embedded import free_port
+from app.core.errors import AuthError
 from tests.utils.platform import Platform
 
 

@@ -11,9 +11,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
-import app.tables  # noqa: F401
-from app.db import make_engine
-from app.migrate import downgrade, upgrade
+import app.store.tables  # noqa: F401
+from app.store.db import make_engine
+from app.store.migrate import downgrade, upgrade
 from tests.utils.databases import BACKENDS, create_pg_database, drop_pg_database
 
 

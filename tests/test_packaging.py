@@ -64,7 +64,7 @@ def test_an_installed_wheel_migrates_a_database(tmp_path: Path) -> None:
 
     database = tmp_path / "installed.db"
     script = (
-        "from app.migrate import script_location, upgrade\n"
+        "from app.store.migrate import script_location, upgrade\n"
         "print(script_location())\n"
         f"upgrade('sqlite:///{database}')\n"
     )

@@ -20,9 +20,9 @@ import logging
 import time
 from typing import Any, cast
 
-from app import db
+from app.store import db
 from app.claims import StepWork
-from app.errors import CorralError, NotFoundError, SpecError, StepInputError
+from app.core.errors import CorralError, NotFoundError, SpecError, StepInputError
 from app.memory import embedding, summary, tools
 from app.memory.context import Assembly, ContextRequest, PromptMessage, as_prompt, assemble
 from app.memory.keys import tenant_of
@@ -32,7 +32,7 @@ from app.memory.schemas import Block, Conversation, SearchHit
 from app.memory.service import Memory, get_memory
 from app.memory.store import NewMessage
 from app.memory.vectors import Vectors
-from app.tables import WorkflowRun
+from app.store.tables import WorkflowRun
 from workers.runtime import ModelRuntime, RunControl
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,11 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from app import db, live
+from app.store import db
+from app.scheduler import live
 from app.core.config import get_settings
 from app.core.process import freeze_startup_objects
-from app.errors import ModelFileError
+from app.core.errors import ModelFileError
 from models.catalog import load_catalog
 from workers.runtime import LlamaCppRuntime, ModelRuntime, Placement
 

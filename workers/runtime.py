@@ -19,7 +19,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
-from app.errors import (
+from app.core.errors import (
     ModelFileError,
     StepCancelled,
     StepInputError,

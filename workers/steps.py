@@ -12,13 +12,14 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from app import claims, engine, live
+from app import claims, engine
+from app.scheduler import live
 from app.claims import StepWork
 from app.core.config import get_settings
 from app.dispatch import CeleryDispatcher, forget_sent
 from app.engine import Dispatcher
-from app.errors import ServiceUnavailable, StepCancelled, StepError, StepSuperseded
-from app.spec import INPUT_MODELS
+from app.core.errors import ServiceUnavailable, StepCancelled, StepError, StepSuperseded
+from app.workflows.spec import INPUT_MODELS
 from workers.celery_app import celery_app
 from workers.memory import memory_chat, uses_memory
 from workers.runtime import ModelRuntime, RunControl

@@ -9,7 +9,7 @@ import numpy as np
 
 from app.claims import WORK_HEADER
 from app.core.config import get_settings
-from app.errors import ServiceUnavailable
+from app.core.errors import ServiceUnavailable
 from app.memory import embedding
 from app.memory.service import get_memory
 from workers import process

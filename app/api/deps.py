@@ -11,13 +11,14 @@ from fastapi.concurrency import run_in_threadpool
 from redis.exceptions import RedisError
 from sqlmodel import Session
 
-from app import db, keys
+from app.store import db
+from app.store import keys
 from app.core.config import Settings, get_settings
 from app.engine import AsyncDispatcher, Dispatcher
-from app.errors import AuthError, ServiceUnavailable
+from app.core.errors import AuthError, ServiceUnavailable
 from app.memory.service import Memory, get_memory
 from app.notify import FinishedListener
-from app.tables import ApiKey
+from app.store.tables import ApiKey
 from models.catalog import Catalog, load_catalog
 
 

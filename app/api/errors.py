@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from app.errors import (
+from app.core.errors import (
     AuthError,
     ConflictError,
     CorralError,

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from app.cli import models_cmd
 from app.core.config import get_settings
-from app.errors import CorralError
+from app.core.errors import CorralError
 
 app = typer.Typer(
     help="Corral: local LLM workflows on per-model worker pools.", no_args_is_help=True
@@ -108,7 +108,7 @@ def worker(
 ) -> None:
     """Run a worker pool for one model: consumes only queue ``model.<name>``."""
     from app.cli.worker import run_worker
-    from app.errors import PlacementError
+    from app.core.errors import PlacementError
 
     try:
         run_worker(model, gpu=gpu, concurrency=concurrency, n_ctx=ctx, wait=wait)
@@ -278,7 +278,8 @@ def gpus() -> None:
 @keys_app.command("create")
 def keys_create(name: Annotated[str, typer.Argument(help="A name for the key.")]) -> None:
     """Create an API key and print it (it is shown only once)."""
-    from app import db, keys
+    from app.store import db
+    from app.store import keys
 
     with db.session_scope(write=True) as session:
         _row, key = keys.create_key(session, name)
@@ -291,8 +292,8 @@ def keys_list() -> None:
     from rich.table import Table
     from sqlmodel import select
 
-    from app import db
-    from app.tables import ApiKey
+    from app.store import db
+    from app.store.tables import ApiKey
 
     table = Table("id", "prefix", "name", "created", "revoked")
     with db.session_scope() as session:
@@ -312,7 +313,8 @@ def keys_revoke(
     key: Annotated[str, typer.Argument(help="The key's prefix (crl_PREFIX_…) or its id.")],
 ) -> None:
     """Revoke an API key. API processes stop accepting it within CORRAL_API_KEY_CACHE_S."""
-    from app import db, keys
+    from app.store import db
+    from app.store import keys
 
     prefix = key.split("_")[1] if key.startswith(keys.KEY_PREFIX) and key.count("_") >= 2 else key
     try:
@@ -329,7 +331,7 @@ def keys_revoke(
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Migrate the database to the latest schema."""
-    from app.migrate import upgrade
+    from app.store.migrate import upgrade
 
     upgrade(revision=revision)
     console.print(f"database at {get_settings().sqlalchemy_url.split('@')[-1]} is at {revision}")

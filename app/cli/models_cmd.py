@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.core.config import get_settings
-from app.errors import CorralError
+from app.core.errors import CorralError
 from models.catalog import load_catalog
 
 app = typer.Typer(help="The model catalog and model files.", no_args_is_help=True)

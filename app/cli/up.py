@@ -22,8 +22,8 @@ import httpx
 from rich.console import Console
 
 from app.core.config import get_settings, reload_settings
-from app.embedded import EmbeddedRedis, free_port
-from app.errors import ConfigError
+from app.core.embedded import EmbeddedRedis, free_port
+from app.core.errors import ConfigError
 from models.catalog import load_catalog
 
 console = Console()
@@ -154,8 +154,9 @@ def run_platform(*, demo: bool, exit_after_demo: bool, flower: bool) -> int:
 
 
 def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, flower: bool) -> int:
-    from app import db, keys
-    from app.migrate import upgrade
+    from app.store import db
+    from app.store import keys
+    from app.store.migrate import upgrade
     from models.tiny import make_tiny
 
     upgrade()

@@ -9,12 +9,13 @@ from rich.table import Table
 from sqlalchemy import func
 from sqlmodel import select
 
-from app import db, live
+from app.store import db
+from app.scheduler import live
 from app.api.routes.gpus import gpus_view
 from app.core.config import get_settings
-from app.errors import CorralError
+from app.core.errors import CorralError
 from app.scheduler.inventory import format_bytes
-from app.tables import WorkflowRun
+from app.store.tables import WorkflowRun
 from models.catalog import load_catalog
 
 

@@ -12,8 +12,8 @@ import os
 import socket
 
 from app.core.config import get_settings
-from app.errors import ConfigError, PlacementError
-from app.live import get_redis
+from app.core.errors import ConfigError, PlacementError
+from app.scheduler.live import get_redis
 from app.scheduler.inventory import detect_inventory, format_bytes
 from app.scheduler.placement import Placement
 from app.scheduler.service import PoolScheduler

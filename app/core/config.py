@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.errors import ConfigError
+from app.core.errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CATALOG = PACKAGE_ROOT / "models" / "catalog.yaml"

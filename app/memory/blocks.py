@@ -16,7 +16,7 @@ from typing import Any, Literal, cast
 import redis
 from redis.client import Pipeline
 
-from app.errors import NotFoundError, SpecError
+from app.core.errors import NotFoundError, SpecError
 from app.memory.keys import Keys, check_block_name
 from app.memory.schemas import Block, BlockEdit, from_ms
 

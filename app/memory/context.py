@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.errors import StepInputError
+from app.core.errors import StepInputError
 from app.memory.schemas import Block, Conversation, Message, SearchHit
 from app.memory.store import ConversationStore
 

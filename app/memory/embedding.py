@@ -23,7 +23,7 @@ from typing import cast
 
 import numpy as np
 
-from app.errors import ConfigError, ServiceUnavailable
+from app.core.errors import ConfigError, ServiceUnavailable
 from app.memory.keys import EMBED_KICK, EMBED_PENDING, ROOT, parse_pending
 from app.memory.service import Memory, embed_model
 from app.memory.vectors import Vectors

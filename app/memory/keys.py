@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from app.errors import SpecError
+from app.core.errors import SpecError
 
 ROOT = "corral:mem"
 EMBED_PENDING = f"{ROOT}:_embed:pending"

@@ -1,6 +1,6 @@
-"""What a ``chat`` step may ask of conversation memory (fields of ``app.spec.ChatInput``).
+"""What a ``chat`` step may ask of conversation memory (fields of ``app.workflows.spec.ChatInput``).
 
-Kept free of Redis and of ``app.spec`` so the spec can import it without a cycle.
+Kept free of Redis and of ``app.workflows.spec`` so the spec can import it without a cycle.
 """
 
 from __future__ import annotations

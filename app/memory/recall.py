@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from app.errors import SpecError
+from app.core.errors import SpecError
 from app.memory.schemas import Conversation, Message, SearchHit
 from app.memory.service import Memory
 from app.memory.vectors import Vectors

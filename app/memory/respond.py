@@ -7,15 +7,16 @@ from typing import Any
 
 from sqlmodel import select
 
-from app import db, engine
+from app import engine
+from app.store import db
 from app.core.config import Settings
 from app.engine import Dispatcher
-from app.errors import SpecError
+from app.core.errors import SpecError
 from app.memory.schemas import Conversation, MessageAppended, RespondOptions
 from app.memory.service import Memory
-from app.spec import SamplingParams, validate_workflow
-from app.tables import StepRun, WorkflowRun
-from app.tokens import count_tokens
+from app.workflows.spec import SamplingParams, validate_workflow
+from app.store.tables import StepRun, WorkflowRun
+from app.workflows.tokens import count_tokens
 from models.catalog import Catalog
 
 POLL_S = 0.05

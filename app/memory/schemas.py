@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.memory.keys import USER_ID_PATTERN
 from app.memory.options import MemoryOptions, ToolChoice, ToolName
-from app.spec import SamplingParams
+from app.workflows.spec import SamplingParams
 
 Role = Literal["system", "user", "assistant", "tool"]
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import redis
 
-from app import live
+from app.scheduler import live
 from app.core.config import Settings, get_settings
-from app.errors import ConfigError, UnknownModelError
+from app.core.errors import ConfigError, UnknownModelError
 from app.memory.blocks import BlockStore
 from app.memory.store import ConversationStore
 from app.memory.vectors import VectorIndex, detect_index

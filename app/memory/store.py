@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import redis
 
-from app.errors import NotFoundError, SpecError
+from app.core.errors import NotFoundError, SpecError
 from app.memory.keys import EMBED_PENDING, ROOT, Keys, is_conversation_id, pending_member
 from app.memory.schemas import Conversation, Message, from_ms
 

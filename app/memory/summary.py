@@ -119,7 +119,7 @@ def enqueue(
     """Queue a summary workflow on ``CORRAL_MEMORY_SUMMARY_MODEL``; None if one is queued."""
     from app import engine
     from app.dispatch import CeleryDispatcher
-    from app.spec import validate_workflow
+    from app.workflows.spec import validate_workflow
     from models.catalog import load_catalog
     from workers.celery_app import celery_app
 

@@ -27,7 +27,7 @@ from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.errors import CorralError, SpecError
+from app.core.errors import CorralError, SpecError
 from app.memory import recall
 from app.memory.blocks import DEFAULT_BLOCKS
 from app.memory.keys import Keys

@@ -32,7 +32,7 @@ import numpy.typing as npt
 import redis
 from redis.exceptions import ResponseError
 
-from app.errors import ConfigError
+from app.core.errors import ConfigError
 from app.memory.keys import Keys
 
 log = logging.getLogger(__name__)

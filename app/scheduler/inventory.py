@@ -12,7 +12,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from app.errors import ConfigError
+from app.core.errors import ConfigError
 
 _UNITS = {
     "": 1,

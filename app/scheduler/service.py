@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from app.core.config import Settings
-from app.errors import PlacementError
+from app.core.errors import PlacementError
 from app.scheduler.estimate import MemoryEstimate, estimate, read_shape
 from app.scheduler.inventory import GpuInventory, format_bytes
 from app.scheduler.ledger import Ledger, Reservation

@@ -19,7 +19,7 @@ from app import claims, engine, notify
 from app.api.routes import workflows as routes
 from app.api.routes.workflows import _fresh_view
 from app.core.config import Settings
-from app.schemas import WorkflowPublic
+from app.workflows.schemas import WorkflowPublic
 from tests.app.test_engine import create, gen, steps_of
 from tests.utils.asgi import api
 from tests.utils.recording import RecordingDispatcher

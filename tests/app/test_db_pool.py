@@ -1,5 +1,5 @@
 """PostgreSQL connections: pinged before use only after an idle spell, on a private server
-that the tests restart (app/db.py, _ping_when_idle)."""
+that the tests restart (app/store/db.py, _ping_when_idle)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-from app import db
+from app.store import db
 from tests.utils.databases import PrivatePostgres
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,8 @@ from typing import Any
 import redis
 from sqlmodel import select
 
-from app import claims, db, dispatch, engine
+from app import claims, dispatch, engine
+from app.store import db
 from app.claims import WORK_HEADER
 from app.core.config import Settings, use_settings
 from app.dispatch import (
@@ -25,10 +26,10 @@ from app.dispatch import (
     sent_attempts,
     step_message,
 )
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 from app.engine import Dispatch
-from app.spec import validate_workflow
-from app.tables import StepRun, StepStatus
+from app.workflows.spec import validate_workflow
+from app.store.tables import StepRun, StepStatus
 from models.catalog import load_catalog
 from tests.utils.recording import RecordingDispatcher
 

@@ -8,12 +8,13 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from app import claims, db, dispatch, engine, specs
+from app import claims, dispatch, engine, specs
+from app.store import db
 from app.core.config import Settings
 from app.engine import Dispatch
-from app.errors import ConflictError
-from app.spec import validate_workflow
-from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
+from app.core.errors import ConflictError
+from app.workflows.spec import validate_workflow
+from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 from models.catalog import load_catalog
 from tests.utils.recording import RecordingDispatcher
 

@@ -26,12 +26,15 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from app import db, live, rows, tokens
+from app import rows
+from app.store import db
+from app.scheduler import live
+from app.workflows import tokens
 from app.api.routes.workflows import SUBMIT_PATHS
 from app.core.config import Settings, use_settings
 from app.dispatch import SENT_PREFIX, CeleryDispatcher, reconcile, sent_attempts
-from app.embedded import EmbeddedRedis
-from app.tables import StepStatus
+from app.core.embedded import EmbeddedRedis
+from app.store.tables import StepStatus
 from tests.utils.asgi import api, submit_while_held
 from tests.utils.recording import RecordingDispatcher
 

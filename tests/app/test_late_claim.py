@@ -16,7 +16,7 @@ from datetime import timedelta
 from app import claims, engine
 from app.core.config import Settings
 from app.rows import SENDABLE
-from app.tables import StepStatus, WorkflowStatus, utcnow
+from app.store.tables import StepStatus, WorkflowStatus, utcnow
 from tests.app.test_engine import create, gen, steps_of, workflow
 from tests.utils.recording import RecordingDispatcher
 

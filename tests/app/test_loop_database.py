@@ -19,10 +19,11 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from app import db, loopdb, prepared, rows
+from app import loopdb, prepared, rows
+from app.store import db
 from app.api.routes.workflows import SUBMIT_PATHS
 from app.core.config import Settings, get_settings, use_settings
-from app.tables import new_id
+from app.store.tables import new_id
 from tests.utils.asgi import CHAINED, api, submit_while_held
 from tests.utils.engine_rows import run_row
 from tests.utils.recording import RecordingDispatcher

@@ -11,7 +11,7 @@ import redis
 
 from app import notify
 from app.core.config import Settings, use_settings
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 
 
 def test_a_publish_wakes_the_waiters_of_that_workflow_only(settings: Settings) -> None:
@@ -37,7 +37,7 @@ def test_a_publish_wakes_the_waiters_of_that_workflow_only(settings: Settings) -
 def test_the_engine_publishes_when_a_workflow_ends(settings: Settings) -> None:
     """cancel_workflow commits a terminal state, then announces it."""
     from app import engine
-    from app.spec import validate_workflow
+    from app.workflows.spec import validate_workflow
     from models.catalog import load_catalog
     from tests.utils.recording import RecordingDispatcher
 

@@ -11,9 +11,10 @@ import pytest
 from sqlalchemy import Connection, Engine, event, literal, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from app import claims, db, engine, prepared, rows
+from app import claims, engine, prepared, rows
+from app.store import db
 from app.core.config import Settings
-from app.spec import validate_workflow
+from app.workflows.spec import validate_workflow
 from models.catalog import load_catalog
 from tests.utils.databases import PrivatePostgres
 from tests.utils.recording import RecordingDispatcher

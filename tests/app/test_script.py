@@ -13,9 +13,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app import db, prepared, rows
+from app import prepared, rows
+from app.store import db
 from app.core.config import Settings
-from app.tables import StepStatus, WorkflowStatus, new_id
+from app.store.tables import StepStatus, WorkflowStatus, new_id
 from tests.utils.engine_rows import AWKWARD, run_row, step_rows
 
 

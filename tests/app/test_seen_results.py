@@ -16,9 +16,10 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import DataError
 
-from app import claims, db, engine, prepared, rows, specs
+from app import claims, engine, prepared, rows, specs
+from app.store import db
 from app.core.config import Settings
-from app.tables import StepStatus, WorkflowStatus
+from app.store.tables import StepStatus, WorkflowStatus
 from tests.app.test_engine import create, gen, steps_of, workflow
 from tests.utils.recording import RecordingDispatcher
 

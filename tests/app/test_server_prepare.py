@@ -20,10 +20,11 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql import Executable
 
-from app import db, prepared, rows
+from app import prepared, rows
+from app.store import db
 from app.core.config import Settings
-from app.migrate import upgrade
-from app.tables import StepStatus, new_id
+from app.store.migrate import upgrade
+from app.store.tables import StepStatus, new_id
 from tests.utils.databases import create_pg_database, drop_pg_database
 from tests.utils.engine_rows import AWKWARD, run_row, step_rows
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from app.core.config import Settings
-from app.errors import SpecError
-from app.spec import validate_workflow
+from app.core.errors import SpecError
+from app.workflows.spec import validate_workflow
 from models.catalog import CatalogEntry, load_catalog
 
 CATALOG = load_catalog()
@@ -161,7 +161,7 @@ def test_token_counter_refuses_only_what_cannot_fit() -> None:
 def test_sandbox_refuses_unsafe_templates() -> None:
     from jinja2.exceptions import SecurityError
 
-    from app.templating import render
+    from app.workflows.templating import render
 
     # Unsafe attributes read as undefined (nothing leaks) or raise when used.
     assert render("{{ steps.__class__.__mro__ }}", {"steps": {}}) == ""
@@ -170,7 +170,7 @@ def test_sandbox_refuses_unsafe_templates() -> None:
 
 
 def test_conditions_evaluate_in_the_sandbox() -> None:
-    from app.templating import evaluate
+    from app.workflows.templating import evaluate
 
     ctx = {"steps": {"score": {"output": {"text": "73"}, "status": "succeeded"}}}
     assert evaluate("steps.score.output.text | int > 50", ctx)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from app import db
+from app.store import db
 from app.core.config import Settings, use_settings
-from app.errors import ServiceUnavailable
-from app.migrate import upgrade
+from app.core.errors import ServiceUnavailable
+from app.store.migrate import upgrade
 
 
 @pytest.fixture

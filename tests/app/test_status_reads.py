@@ -8,7 +8,8 @@ from typing import Any
 
 from sqlalchemy import update
 
-from app import db, rows
+from app import rows
+from app.store import db
 from app.core.config import Settings
 from tests.utils.asgi import CHAINED, api
 from tests.utils.recording import RecordingDispatcher

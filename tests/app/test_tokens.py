@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from app import tokens
+from app.workflows import tokens
 from app.core.config import Settings, use_settings
 from models.catalog import load_catalog
 
@@ -38,7 +38,7 @@ def test_a_vocabulary_is_loaded_once_and_counts_like_the_model(models_dir: Path)
 def test_a_vocabulary_still_loaded_at_exit_is_freed_by_atexit(models_dir: Path) -> None:
     """llama.cpp's own finalizer cannot free a model once the interpreter has torn down
     its modules (it prints an ignored TypeError), so the vocabularies are closed at exit,
-    before that. An exit handler registered before app.tokens runs after its own (they
+    before that. An exit handler registered before app.workflows.tokens runs after its own (they
     run last in, first out) and sees the model freed."""
     script = textwrap.dedent(
         """
@@ -46,7 +46,7 @@ def test_a_vocabulary_still_loaded_at_exit_is_freed_by_atexit(models_dir: Path) 
 
         seen = {}
         atexit.register(lambda: print("freed" if seen["vocab"]._model.model is None else "alive"))
-        from app import tokens
+        from app.workflows import tokens
         from models.catalog import load_catalog
         print(tokens.count_tokens(load_catalog().get("tiny-chat"), "hello world"))
         [seen["vocab"]] = tokens._vocabs.values()

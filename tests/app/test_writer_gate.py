@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from app.db import _WriterGate
-from app.errors import ServiceUnavailable
+from app.store.db import _WriterGate
+from app.core.errors import ServiceUnavailable
 
 
 class OtherWriter:
@@ -132,7 +132,7 @@ def test_a_writer_gives_up_at_its_timeout_and_the_lock_is_not_kept(
 COUNTER = """
 import sys, time
 from pathlib import Path
-from app.db import _WriterGate
+from app.store.db import _WriterGate
 gate = _WriterGate(sys.argv[1])
 counter = Path(sys.argv[2])
 for _ in range(int(sys.argv[3])):

@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import db, keys
+from app.store import db
+from app.store import keys
 from app.core.config import Settings, settings_env
-from app.embedded import free_port
+from app.core.embedded import free_port
 from tests.utils.platform import spawn, start_platform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

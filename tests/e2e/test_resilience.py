@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from app.core.config import Settings
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 from tests.utils.platform import Platform, start_platform
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app import live
+from app.scheduler import live
 from tests.utils.platform import Platform
 
 pytestmark = pytest.mark.e2e

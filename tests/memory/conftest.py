@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app import live
+from app.scheduler import live
 from app.core.config import Settings
 from app.memory.service import Memory, build_memory
 from models.catalog import load_catalog

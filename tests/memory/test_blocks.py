@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.errors import NotFoundError, SpecError
+from app.core.errors import NotFoundError, SpecError
 from app.memory.service import Memory
 
 

@@ -11,14 +11,14 @@ import pytest
 
 from app.claims import StepWork
 from app.core.config import Settings, use_settings
-from app.errors import StepInputError
+from app.core.errors import StepInputError
 from app.memory import summary
 from app.memory.context import ContextRequest, assemble
 from app.memory.schemas import SearchHit
 from app.memory.service import Memory, get_memory
 from app.memory.store import NewMessage
-from app.spec import ChatInput
-from app.tables import utcnow
+from app.workflows.spec import ChatInput
+from app.store.tables import utcnow
 from models.tiny import _WORDS
 from workers.memory import memory_chat
 from workers.runtime import LlamaCppRuntime, RunControl

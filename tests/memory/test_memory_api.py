@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app import db, keys
+from app.store import db
+from app.store import keys
 from models.tiny import _WORDS
 from tests.utils.platform import Platform
 

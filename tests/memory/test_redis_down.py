@@ -6,10 +6,11 @@ import asyncio
 
 import httpx
 
-from app import db, keys
+from app.store import db
+from app.store import keys
 from app.api.main import create_app
 from app.core.config import Settings, use_settings
-from app.embedded import free_port
+from app.core.embedded import free_port
 from tests.utils.recording import RecordingDispatcher
 
 

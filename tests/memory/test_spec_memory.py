@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from app.core.config import Settings
-from app.errors import SpecError
-from app.spec import validate_workflow
+from app.core.errors import SpecError
+from app.workflows.spec import validate_workflow
 from models.catalog import load_catalog
 
 CATALOG = load_catalog()

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from app.errors import NotFoundError, SpecError
+from app.core.errors import NotFoundError, SpecError
 from app.memory.keys import Keys
 from app.memory.service import Memory
 from app.memory.store import NewMessage

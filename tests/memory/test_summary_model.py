@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from app.core.config import Settings
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 from models.catalog import CATALOG_PATH
 from tests.memory.test_memory_api import N_CTX, create, long_history, say
 from tests.utils.platform import Platform, start_platform

@@ -11,8 +11,8 @@ import uuid
 import numpy as np
 import pytest
 
-from app import live
-from app.errors import ConfigError
+from app.scheduler import live
+from app.core.errors import ConfigError
 from app.memory.service import Memory
 from app.memory.store import NewMessage
 from app.memory.vectors import (

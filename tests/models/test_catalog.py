@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.errors import ConfigError, UnknownModelError
+from app.core.errors import ConfigError, UnknownModelError
 from models.catalog import CATALOG_PATH, Catalog, CatalogEntry, load_catalog
 
 REAL = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import ModelFileError
+from app.core.errors import ModelFileError
 from models.gguf_info import read_gguf_info, sha256_file, verify_file
 from models.tiny import make_tiny
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import DownloadError, ModelFileError
+from app.core.errors import DownloadError, ModelFileError
 from models.catalog import CatalogEntry, load_catalog
 from models.pull import part_path, pull
 from models.tiny import make_tiny

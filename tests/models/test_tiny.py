@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import UnknownModelError
+from app.core.errors import UnknownModelError
 from models.catalog import load_catalog
 from models.gguf_info import read_gguf_info
 from models.tiny import TINY_MODELS, make_tiny, tiny_vocab

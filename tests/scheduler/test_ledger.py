@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 from app.scheduler.inventory import DeclaredInventory, GpuInfo, parse_bytes
 from app.scheduler.ledger import Ledger
 

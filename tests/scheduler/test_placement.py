@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis
 from app.scheduler.estimate import MemoryEstimate, estimate, read_shape
 from app.scheduler.inventory import DeclaredInventory
 from app.scheduler.ledger import Ledger

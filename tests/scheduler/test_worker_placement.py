@@ -20,9 +20,10 @@ import httpx
 import pytest
 import yaml
 
-from app import db, keys
+from app.store import db
+from app.store import keys
 from app.core.config import Settings, settings_env
-from app.embedded import EmbeddedRedis, free_port
+from app.core.embedded import EmbeddedRedis, free_port
 from models.catalog import load_catalog
 from tests.utils.platform import spawn
 

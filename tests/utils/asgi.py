@@ -9,7 +9,9 @@ from typing import Any
 
 import httpx
 
-from app import db, keys, loopdb
+from app import loopdb
+from app.store import db
+from app.store import keys
 from app.api.main import create_app
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from app.tables import StepStatus, WorkflowStatus, new_id, utcnow
+from app.store.tables import StepStatus, WorkflowStatus, new_id, utcnow
 
 # Values a client-side binding must quote right: quotes, percent signs (the driver's
 # placeholders), backslashes, a NUL-free control character, non-ASCII, JSON nesting.

@@ -13,9 +13,10 @@ from typing import Any
 
 import httpx
 
-from app import db, keys
+from app.store import db
+from app.store import keys
 from app.core.config import Settings, settings_env
-from app.embedded import free_port
+from app.core.embedded import free_port
 
 # Steps with these ids fail their first N attempts inside the worker (chaos testing).
 FAULTS = "flaky:1,doomed:99"

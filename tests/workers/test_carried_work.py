@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from app import claims, engine, live
+from app import claims, engine
+from app.scheduler import live
 from app.core.config import Settings, use_settings
 from app.dispatch import CeleryDispatcher
 from app.engine import Dispatch
-from app.tables import StepStatus, WorkflowStatus, utcnow
+from app.store.tables import StepStatus, WorkflowStatus, utcnow
 from models.catalog import load_catalog
 from tests.app.test_engine import create, gen, steps_of, workflow
 from tests.utils.databases import with_database
@@ -338,7 +339,7 @@ def test_a_worker_runs_a_carried_step_from_its_message(
     without a read of its step; a workflow of two ready steps has each read."""
     import redis
 
-    from app.spec import validate_workflow
+    from app.workflows.spec import validate_workflow
     from workers import process, tasks
     from workers.celery_app import STEP_TASK, make_celery, queue_for
 

@@ -23,10 +23,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, text
 
-from app import claims, db, dispatch, engine, live, prepared, rows
+from app import claims, dispatch, engine, prepared, rows
+from app.store import db
+from app.scheduler import live
 from app.core.config import Settings
-from app.spec import validate_workflow
-from app.tables import StepStatus, WorkflowStatus
+from app.workflows.spec import validate_workflow
+from app.store.tables import StepStatus, WorkflowStatus
 from models.catalog import load_catalog
 from tests.app.test_engine import gen, steps_of, workflow
 from tests.utils.asgi import api

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import ModelFileError, StepCancelled, StepInputError, StepTimeout
-from app.spec import ChatInput, EmbedInput, GenerateInput
+from app.core.errors import ModelFileError, StepCancelled, StepInputError, StepTimeout
+from app.workflows.spec import ChatInput, EmbedInput, GenerateInput
 from models.catalog import load_catalog
 from workers.runtime import LlamaCppRuntime, RunControl
 

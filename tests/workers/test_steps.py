@@ -16,8 +16,8 @@ import pytest
 
 from app import engine
 from app.core.config import Settings, use_settings
-from app.spec import INPUT_MODELS
-from app.tables import StepStatus
+from app.workflows.spec import INPUT_MODELS
+from app.store.tables import StepStatus
 from tests.app.test_engine import create, steps_of
 from tests.utils.recording import RecordingDispatcher
 from workers.runtime import LlamaCppRuntime, RunControl

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Query, Response
 
 from app.api.deps import ApiKeyDep, CatalogDep, DispatcherDep, MemoryDep, SettingsDep
 from app.core.config import Settings
-from app.errors import NotFoundError, SpecError, UnknownModelError
+from app.core.errors import NotFoundError, SpecError, UnknownModelError
 from app.memory import embedding, respond
 from app.memory.keys import tenant_of
 from app.memory.schemas import (
@@ -29,7 +29,7 @@ from app.memory.schemas import (
 )
 from app.memory.service import default_chat_model
 from app.memory.store import NewMessage
-from app.tokens import count_tokens
+from app.workflows.tokens import count_tokens
 from models.catalog import Catalog
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app import live
+from app.scheduler import live
 from app.api.deps import ApiKeyDep
 from app.core.config import get_settings
 from app.scheduler.service import make_ledger, pending

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app import db, live
-from app.errors import ServiceUnavailable
+from app.store import db
+from app.scheduler import live
+from app.core.errors import ServiceUnavailable
 
 router = APIRouter(tags=["health"])
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, cast
 from fastapi import APIRouter, Query, Response
 
 from app.api.deps import ApiKeyDep, MemoryDep
-from app.errors import SpecError
+from app.core.errors import SpecError
 from app.memory import embedding, recall, tools
 from app.memory.keys import check_block_name, check_user_id, tenant_of
 from app.memory.schemas import Block, BlockEdit, BlockPut, Message, SearchHit, SearchRequest

@@ -11,11 +11,11 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy import func
 from sqlmodel import select
 
-from app import live
+from app.scheduler import live
 from app.api.deps import CatalogDep, SessionDep
 from app.api.routes.workflows import SUBMIT_PATHS
 from app.core.process import gc_metrics
-from app.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
+from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 router = APIRouter(tags=["health"])
 

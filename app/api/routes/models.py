@@ -6,9 +6,9 @@ from collections import Counter
 
 from fastapi import APIRouter
 
-from app import live
+from app.scheduler import live
 from app.api.deps import ApiKeyDep, CatalogDep, SettingsDep
-from app.schemas import ModelPublic
+from app.workflows.schemas import ModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -21,7 +21,9 @@ from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from app import db, engine, inline, live, loopdb, notify, prepared, rows
+from app import engine, inline, loopdb, notify, prepared, rows
+from app.store import db
+from app.scheduler import live
 from app.api.deps import (
     ApiKeyDep,
     FinishedDep,
@@ -30,17 +32,17 @@ from app.api.deps import (
     Submission,
     SubmissionDep,
 )
-from app.errors import ConflictError, NotFoundError, SpecError
+from app.core.errors import ConflictError, NotFoundError, SpecError
 from app.notify import FinishedListener
-from app.schemas import (
+from app.workflows.schemas import (
     WorkflowAccepted,
     WorkflowPage,
     WorkflowPublic,
     WorkflowSummary,
 )
-from app.spec import ValidatedWorkflow, WorkflowSpec, validate_workflow
-from app.tables import ApiKey, WorkflowRun, WorkflowStatus, new_id
-from app.tokens import count_tokens
+from app.workflows.spec import ValidatedWorkflow, WorkflowSpec, validate_workflow
+from app.store.tables import ApiKey, WorkflowRun, WorkflowStatus, new_id
+from app.workflows.tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +316,7 @@ def _owned(session: SessionDep, key: ApiKeyDep, workflow_id: str) -> WorkflowRun
 
 async def _view(key_id: int | None, workflow_id: str) -> WorkflowPublic:
     """A workflow's current view, read on the event loop: an in-process SQLite call
-    (:func:`app.db.reads_in_process`), or awaited on the loop's own PostgreSQL
+    (:func:`app.store.db.reads_in_process`), or awaited on the loop's own PostgreSQL
     connections (:mod:`app.loopdb`); in the thread pool when those are off."""
     if db.reads_in_process():
         return _fresh_view(key_id, workflow_id, on_loop=True)

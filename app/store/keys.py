@@ -10,8 +10,8 @@ import time
 
 from sqlmodel import Session, select
 
-from app.errors import AuthError
-from app.tables import ApiKey, utcnow
+from app.core.errors import AuthError
+from app.store.tables import ApiKey, utcnow
 
 KEY_PREFIX = "crl_"
 

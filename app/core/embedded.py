@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from app.errors import ConfigError
+from app.core.errors import ConfigError
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -9,7 +9,7 @@ from typing import Any, Self
 from pydantic import BaseModel
 from sqlalchemy import Row
 
-from app.tables import StepStatus, WorkflowRun, WorkflowStatus
+from app.store.tables import StepStatus, WorkflowRun, WorkflowStatus
 
 
 class StepPublic(BaseModel):

@@ -9,7 +9,7 @@ from alembic.config import Config
 
 from alembic import command
 from app.core.config import PACKAGE_ROOT, get_settings
-from app.errors import ConfigError
+from app.core.errors import ConfigError
 
 # The scripts are alembic/ in a source tree; an installed wheel carries the same files as
 # the package `corral_migrations` (see pyproject.toml).

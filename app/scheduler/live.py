@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from app import inline
 from app.core.config import get_settings
-from app.errors import ServiceUnavailable
+from app.core.errors import ServiceUnavailable
 
 CANCEL_KEY = "corral:cancel:{workflow_id}"
 WORKER_KEY = "corral:worker:{hostname}"

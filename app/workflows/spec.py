@@ -31,10 +31,10 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.core.config import Settings
-from app.errors import FieldError, SpecError, UnknownModelError
+from app.core.errors import FieldError, SpecError, UnknownModelError
 from app.memory.keys import CONVERSATION_ID_PATTERN, USER_ID_PATTERN
 from app.memory.options import TOOL_NAMES, MemoryOptions, ToolChoice, ToolName
-from app.templating import (
+from app.workflows.templating import (
     Reference,
     check_condition,
     check_template,

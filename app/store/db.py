@@ -28,7 +28,7 @@ from sqlmodel import Session
 
 from app import inline
 from app.core.config import get_settings
-from app.errors import ServiceUnavailable
+from app.core.errors import ServiceUnavailable
 from app.prepared import SERVER_PREPARE
 
 log = logging.getLogger(__name__)
