@@ -1,7 +1,6 @@
 """The Celery application: configuration only. Tasks live in ``workers.tasks``.
 
-Each model has its own queue, ``model.<catalog name>``; a worker started with
-``corral worker --model NAME`` consumes only that queue. Beat's jobs go to ``corral.system``.
+Queue and task names live in :mod:`app.workflows.names` (the API sends by them too).
 """
 
 from __future__ import annotations
@@ -9,14 +8,17 @@ from __future__ import annotations
 from celery import Celery
 
 from app.core.config import get_settings
+from app.workflows.names import (
+    MEMORY_PRUNE_TASK,
+    MEMORY_SWEEP_TASK,
+    RECONCILE_TASK,
+    STEP_TASK,
+    SYSTEM_QUEUE,
+    queue_for,
+)
 
-SYSTEM_QUEUE = "corral.system"
-STEP_TASK = "corral.step.run"
+__all__ = ["STEP_TASK", "SYSTEM_QUEUE", "celery_app", "make_celery", "queue_for"]
 
-
-def queue_for(model: str) -> str:
-    """The queue a model's steps are sent to."""
-    return f"model.{model}"
 
 
 def make_celery() -> Celery:
@@ -58,15 +60,9 @@ def make_celery() -> Celery:
         include=["workers.tasks"],
         # The beat schedule is data: stable entry names, intervals from the settings.
         beat_schedule={
-            "corral.reconcile": {"task": "corral.reconcile", "schedule": settings.reconcile_s},
-            "corral.memory.sweep": {
-                "task": "corral.memory.sweep",
-                "schedule": settings.reconcile_s,
-            },
-            "corral.memory.prune": {
-                "task": "corral.memory.prune",
-                "schedule": settings.memory_prune_s,
-            },
+            RECONCILE_TASK: {"task": RECONCILE_TASK, "schedule": settings.reconcile_s},
+            MEMORY_SWEEP_TASK: {"task": MEMORY_SWEEP_TASK, "schedule": settings.reconcile_s},
+            MEMORY_PRUNE_TASK: {"task": MEMORY_PRUNE_TASK, "schedule": settings.memory_prune_s},
         },
     )
     return app
