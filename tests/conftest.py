@@ -17,7 +17,6 @@ import pytest
 import redis
 from sqlalchemy import Engine
 
-from app import prepared
 from app.store import db
 from app.scheduler import live
 from app.core.config import Settings, use_settings
@@ -33,7 +32,6 @@ from tests.utils.databases import (
     with_database,
 )
 from tests.utils.platform import Platform, start_platform
-from tests.utils.recording import RecordingDispatcher
 
 # Each backend gets its own Redis database, so their queues never mix.
 REDIS_DB = {"sqlite": 13, "postgresql": 14}
@@ -98,19 +96,10 @@ def settings(
         redis_url=redis_url,
         models_dir=models_dir,
         data_dir=tmp_path_factory.mktemp("data"),
-        # A step is marked running 20 ms in (0.25 s by default), so a test that waits to
-        # see a long step running sees it however fast this machine generates; every
-        # shorter step still ends unmarked, stored by its result.
-        claim_after_s=0.02,
     )
     with use_settings(s):
         yield s
     db.dispose_engines()
-
-
-@pytest.fixture
-def dispatcher() -> RecordingDispatcher:
-    return RecordingDispatcher()
 
 
 @pytest.fixture(scope="session")
@@ -152,27 +141,11 @@ def private_pg_engine(private_pg: PrivatePostgres) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def scripts(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
-    """The statements of every script sent (on PostgreSQL one script: one round trip)."""
-    sent: list[list[Any]] = []
-    real = prepared.script
-
-    def spy(conn: Any, statements: Sequence[prepared.Statement], **kwargs: Any) -> Any:
-        sent.append([stmt for stmt, _ in statements])
-        return real(conn, statements, **kwargs)
-
-    monkeypatch.setattr(prepared, "script", spy)
-    return sent
-
-
-@pytest.fixture
 def isolated(
     settings: Settings, redis_base_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Settings]:
     """The session's database with a Redis database of its own: no worker consumes the
-    messages these tests send, and no live pool is registered there. The live-pool view a
-    first submit reads stays fresh for the whole test: a pause of this shared host longer
-    than the product's one second would otherwise send a later submit to the thread pool."""
+    messages these tests send, and no live pool is registered there."""
     monkeypatch.setattr(live, "VIEW_MAX_AGE_S", 3600.0)
     url = with_database(redis_base_url, "12")
     client = redis.Redis.from_url(url)

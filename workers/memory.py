@@ -20,8 +20,6 @@ import logging
 import time
 from typing import Any, cast
 
-from app.store import db
-from app.claims import StepWork
 from app.core.errors import CorralError, NotFoundError, SpecError, StepInputError
 from app.memory import embedding, summary, tools
 from app.memory.context import Assembly, ContextRequest, PromptMessage, as_prompt, assemble
@@ -32,7 +30,9 @@ from app.memory.schemas import Block, Conversation, SearchHit
 from app.memory.service import Memory, get_memory
 from app.memory.store import NewMessage
 from app.memory.vectors import Vectors
+from app.store import db
 from app.store.tables import WorkflowRun
+from app.workflows.engine import StepWork
 from workers.runtime import ModelRuntime, RunControl
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ from app.core.errors import (
     ModelFileError,
     StepCancelled,
     StepInputError,
-    StepSuperseded,
     StepTimeout,
 )
 from models.catalog import CatalogEntry
@@ -39,12 +38,7 @@ class RunControl:
     timeout_s: float | None = None
     should_cancel: Callable[[], bool] = lambda: False
     poll_s: float = 0.1
-    # A claim left for later, called at the first check from ``claim_at`` on: True once
-    # written, False when the step is no longer this attempt's to run, None to be asked
-    # again ``poll_s`` later (the database unreachable).
-    claim: Callable[[], bool | None] | None = None
-    claim_at: float = 0.0
-    # "timeout" | "cancelled" | "superseded" once the control stopped the model
+    # "timeout" | "cancelled" once the control stopped the model
     stopped: str | None = None
     first_token_at: float | None = None
     tokens: int = 0  # tokens sampled so far in this call
@@ -61,14 +55,6 @@ class RunControl:
             self._last_poll = now
             if self.should_cancel():
                 return "cancelled"
-        if self.claim is not None and now >= self.claim_at:
-            claimed = self.claim()
-            if claimed is False:
-                return "superseded"
-            if claimed:
-                self.claim = None
-            else:
-                self.claim_at = now + self.poll_s
         return None
 
     def raise_if_stopped(self) -> None:
@@ -77,10 +63,6 @@ class RunControl:
         if self.stopped == "cancelled":
             raise StepCancelled(
                 f"cancelled by request; the worker stopped the model after {self.tokens} tokens"
-            )
-        if self.stopped == "superseded":
-            raise StepSuperseded(
-                f"the step is no longer this attempt's to run; stopped after {self.tokens} tokens"
             )
 
 
@@ -377,8 +359,6 @@ class LlamaCppRuntime:
         stop = control.check()
         if stop == "cancelled":
             raise StepCancelled("the workflow was cancelled while the step ran")
-        if stop == "superseded":
-            raise StepSuperseded("the step was no longer this attempt's to run when it ended")
         total_ms = (time.perf_counter() - started) * 1000
         return {
             "vectors": [[float(x) for x in v] for v in vectors],

@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from app.claims import WORK_HEADER
 from app.core.config import get_settings
 from app.core.errors import ServiceUnavailable
 from app.memory import embedding
 from app.memory.service import get_memory
+from app.workflows import dispatch
+from app.workflows.names import MEMORY_PRUNE_TASK, MEMORY_SWEEP_TASK, RECONCILE_TASK, STEP_TASK
 from workers import process
-from workers.celery_app import STEP_TASK, celery_app
+from workers.celery_app import celery_app
 from workers.runtime import RunControl
 from workers.steps import run_step
 
@@ -22,14 +23,12 @@ from workers.steps import run_step
 def run_step_task(self: Any, step_run_id: str, attempt: int) -> str:
     """Run one attempt of one step on this worker's loaded model.
 
-    A new workflow's only ready step carries its work in a header (``corral_work``,
-    :func:`app.claims.carry`); a worker of an older release ignores it and reads the step.
     While the database is unreachable the same message is retried with backoff, without
     limit: the step's state is in the database, so nothing is decided until it is back.
     """
     process.set_busy(True)
     try:
-        return run_step(step_run_id, attempt, carried=getattr(self.request, WORK_HEADER, None))
+        return run_step(step_run_id, attempt)
     except ServiceUnavailable as exc:
         delay = min(30.0, 0.5 * 2 ** min(self.request.retries, 6))
         raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
@@ -66,15 +65,13 @@ def memory_embed_query_task(reply_key: str, texts: list[str]) -> None:
     embedding.answer_query(get_memory(), reply_key, texts, _embedder())
 
 
-@celery_app.task(name="corral.reconcile")  # type: ignore[untyped-decorator]
+@celery_app.task(name=RECONCILE_TASK)  # type: ignore[untyped-decorator]
 def reconcile_task() -> int:
     """Send steps that were readied but never reached the broker; returns how many."""
-    from app.dispatch import CeleryDispatcher, reconcile
-
-    return reconcile(CeleryDispatcher(celery_app), get_settings().reconcile_after_s)
+    return dispatch.reconcile(get_settings().reconcile_after_s)
 
 
-@celery_app.task(name="corral.memory.sweep")  # type: ignore[untyped-decorator]
+@celery_app.task(name=MEMORY_SWEEP_TASK)  # type: ignore[untyped-decorator]
 def memory_sweep_task() -> int:
     """Re-kick embedding when messages wait and no embed task is on its way (a lost task)."""
     from app.memory.embedding import kick, pending_count
@@ -87,7 +84,7 @@ def memory_sweep_task() -> int:
     return waiting
 
 
-@celery_app.task(name="corral.memory.prune")  # type: ignore[untyped-decorator]
+@celery_app.task(name=MEMORY_PRUNE_TASK)  # type: ignore[untyped-decorator]
 def memory_prune_task() -> int:
     """Drop expired conversations from the tenants' and users' lists; returns how many."""
     from app.memory.service import get_memory

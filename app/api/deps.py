@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,14 +10,12 @@ from fastapi.concurrency import run_in_threadpool
 from redis.exceptions import RedisError
 from sqlmodel import Session
 
-from app.store import db
-from app.store import keys
 from app.core.config import Settings, get_settings
-from app.engine import AsyncDispatcher, Dispatcher
 from app.core.errors import AuthError, ServiceUnavailable
 from app.memory.service import Memory, get_memory
-from app.notify import FinishedListener
+from app.store import db, keys
 from app.store.tables import ApiKey
+from app.workflows.events import FinishedListener
 from models.catalog import Catalog, load_catalog
 
 
@@ -71,35 +68,9 @@ async def _catalog(settings: Annotated[Settings, Depends(_settings)]) -> Catalog
     return load_catalog(settings.catalog_path)  # cached: a stat() unless the file changed
 
 
-async def _dispatcher(request: Request) -> Dispatcher:
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    return dispatcher
-
-
 async def _finished(request: Request) -> FinishedListener:
     listener: FinishedListener = request.app.state.finished
     return listener
-
-
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """What a submit needs besides the caller's key, as one dependency.
-
-    FastAPI resolves each dependency of a request anew (tens of µs each, more than these
-    bodies), and a submit is the API's busiest route: one dependency instead of four.
-    """
-
-    settings: Settings
-    catalog: Catalog
-    dispatcher: Dispatcher
-    finished: FinishedListener
-    async_dispatcher: AsyncDispatcher | None  # the same dispatcher, if it can send on a loop
-
-
-async def _submission(request: Request) -> Submission:
-    settings, state = get_settings(), request.app.state
-    catalog = load_catalog(settings.catalog_path)
-    return Submission(settings, catalog, state.dispatcher, state.finished, state.async_dispatcher)
 
 
 def _memory() -> Iterator[Memory]:
@@ -114,7 +85,5 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 ApiKeyDep = Annotated[ApiKey, Depends(_api_key)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
-DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]
 FinishedDep = Annotated[FinishedListener, Depends(_finished)]
 MemoryDep = Annotated[Memory, Depends(_memory)]
-SubmissionDep = Annotated[Submission, Depends(_submission)]

@@ -9,12 +9,13 @@ from rich.table import Table
 from sqlalchemy import func
 from sqlmodel import select
 
-from app.store import db
-from app.scheduler import live
 from app.api.routes.gpus import gpus_view
 from app.core.config import get_settings
-from app.core.errors import CorralError
+from app.core.errors import CorralError, ServiceUnavailable
+from app.core.redis import get_redis, ping
+from app.scheduler import live
 from app.scheduler.inventory import format_bytes
+from app.store import db
 from app.store.tables import WorkflowRun
 from models.catalog import load_catalog
 
@@ -63,21 +64,32 @@ def print_gpus(console: Console) -> None:
         console.print("no pool is waiting for room")
 
 
+# What to do when a service does not answer, after what the probe says.
+_FIX = {
+    "redis": "start it, or point CORRAL_REDIS_URL at a running Redis "
+    "(`corral up` starts an embedded one)",
+    "database": "check CORRAL_DATABASE_URL and that the database server is running",
+}
+
+
 def print_status(console: Console) -> int:
-    """`corral status`: 0 when Redis and the database answer, 1 otherwise."""
-    ok = True
-    for name, probe in (("redis", live.ping), ("database", db.ping)):
+    """`corral status`: 0 when Redis and the database answer; otherwise each one's line
+    says ``unavailable`` and ServiceUnavailable says why and what to do (the CLI prints
+    it as one line on stderr)."""
+    problems = []
+    for name, probe in (("redis", ping), ("database", db.ping)):
         try:
             probe()
             console.print(f"{name:9} ok")
         except CorralError as exc:
-            ok = False
-            console.print(f"{name:9} [red]{exc}[/red]")
-    if not ok:
-        return 1
+            console.print(f"{name:9} [red]unavailable[/red]")
+            fix = f"; {_FIX[name]}" if isinstance(exc, ServiceUnavailable) else ""
+            problems.append(f"{exc}{fix}")
+    if problems:
+        raise ServiceUnavailable("; ".join(problems))
     settings = get_settings()
     workers = Counter(str(w.get("model")) for w in live.live_workers())
-    client = live.get_redis()
+    client = get_redis()
     table = Table(title="models")
     for col in ("model", "kind", "file", "workers", "queued"):
         table.add_column(col)

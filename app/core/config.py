@@ -6,6 +6,7 @@ seam, :func:`use_settings`, or by setting ``CORRAL_*`` variables for a subproces
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,13 +14,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.errors import ConfigError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CATALOG = PACKAGE_ROOT / "models" / "catalog.yaml"
+
+
+class HeldReservation(BaseModel):
+    """A GPU reservation a model worker holds: its ledger id, host and GPU index."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    host: str
+    gpu: int = Field(ge=0)
 
 
 class Settings(BaseSettings):
@@ -37,14 +48,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     database_prepare: bool = Field(
         default=True,
-        description="PostgreSQL: each connection keeps the statements it runs prepared on "
-        "the server (parsed and planned once); false behind a pooler in transaction mode "
+        description="PostgreSQL: psycopg prepares the statements a connection runs often "
+        "on the server (parsed and planned once); false behind a pooler in transaction mode "
         "(PgBouncer), where a session's prepared statements are not its own",
-    )
-    database_loop: bool = Field(
-        default=True,
-        description="PostgreSQL: the API submits and reads workflows on its event loop "
-        "over asyncio connections of its own; false sends them to its thread pool",
     )
 
     # API.
@@ -78,12 +84,6 @@ class Settings(BaseSettings):
     # Workers.
     worker_heartbeat_s: float = Field(default=10.0, gt=0)
     cancel_poll_s: float = Field(default=0.1, gt=0)
-    claim_after_s: float = Field(
-        default=0.25,
-        ge=0,
-        description="a step is marked running once it has run this long (a shorter one goes "
-        "from queued to its result in one write); 0 marks it before the model is called",
-    )
     reconcile_s: float = Field(default=15.0, gt=0, description="beat: how often to reconcile")
     reconcile_after_s: float = Field(
         default=30.0, gt=0, description="a ready step not on the broker after this is resent"
@@ -99,6 +99,23 @@ class Settings(BaseSettings):
     flash_attention: bool = False
     lease_ttl_s: float = Field(default=30.0, gt=0, description="a dead holder's lease lasts this")
     placement_poll_s: float = Field(default=2.0, gt=0, description="retry period when pending")
+
+    # One model worker: `corral worker` sets these in its own environment, after placing
+    # the model, for the pool processes it starts (they read them when they load it).
+    worker_model: str | None = Field(default=None, description="the catalog model it serves")
+    worker_ctx: int | None = Field(
+        default=None, ge=1, description="the context it loads; unset: the catalog's n_ctx"
+    )
+    n_gpu_layers: int = Field(default=0, ge=-1, description="layers on the GPU; -1: every one")
+    main_gpu: int = Field(default=0, ge=0, description="index among the visible GPUs")
+    tensor_split: tuple[float, ...] | None = Field(
+        default=None, description="each visible GPU's share of the layers, JSON: [1, 1]"
+    )
+    n_threads: int | None = Field(default=None, ge=1, description="unset: llama.cpp's choice")
+    reservations: tuple[HeldReservation, ...] = Field(
+        default=(),
+        description='the reservations it holds, JSON: [{"id": ..., "host": ..., "gpu": 0}]',
+    )
 
     # Chaos testing: "STEP_ID:N,..." makes the first N attempts of steps with that id fail
     # inside the worker, through the real failure path. Empty (the default) disables it.
@@ -204,9 +221,10 @@ def use_settings(settings: Settings) -> Iterator[Settings]:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The ``CORRAL_*`` variables that reproduce ``settings`` in a child process."""
+    """The ``CORRAL_*`` variables that reproduce ``settings`` in a child process (strings
+    as they are, every other value as JSON, which is how the settings parse it back)."""
     env = dict(os.environ)
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(mode="json").items():
         if value is not None:
-            env[f"CORRAL_{name.upper()}"] = str(value)
+            env[f"CORRAL_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     return env

@@ -122,11 +122,6 @@ class StepCancelled(StepError):
     retryable = False
 
 
-class StepSuperseded(CorralError):
-    """A step's late claim found it no longer this attempt's to run (cancelled, its
-    workflow ended, or finished by another delivery): the worker stops and records nothing."""
-
-
 class StepInputError(StepError):
     """The step's rendered input is unusable (e.g. longer than the model's context)."""
 

@@ -1,25 +1,18 @@
-"""Answering a conversation from the API: a one-step chat workflow, optionally awaited."""
+"""Answering a conversation: a one-step chat workflow, submitted through the service."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from sqlmodel import select
-
-from app import engine
-from app.store import db
 from app.core.config import Settings
-from app.engine import Dispatcher
 from app.core.errors import SpecError
 from app.memory.schemas import Conversation, MessageAppended, RespondOptions
 from app.memory.service import Memory
+from app.workflows import service
+from app.workflows.schemas import WorkflowPublic
 from app.workflows.spec import SamplingParams, validate_workflow
-from app.store.tables import StepRun, WorkflowRun
 from app.workflows.tokens import count_tokens
 from models.catalog import Catalog
-
-POLL_S = 0.05
 
 
 def reply_spec(conv: Conversation, upto: int, opts: RespondOptions, model: str) -> dict[str, Any]:
@@ -69,33 +62,24 @@ def start(
     api_key_id: int | None,
     catalog: Catalog,
     settings: Settings,
-    dispatcher: Dispatcher,
 ) -> str:
     """Validate and submit the reply workflow; returns its id."""
     validated = validate_workflow(
         reply_spec(conv, upto, opts, model), catalog, settings, count_tokens
     )
-    return engine.create_workflow(validated, dispatcher, api_key_id=api_key_id).id
+    return service.submit_validated(validated, api_key_id=api_key_id).id
 
 
-def wait(
-    mem: Memory, tenant: str, workflow_id: str, timeout_s: float, result: MessageAppended
+def finish(
+    mem: Memory, tenant: str, view: WorkflowPublic, result: MessageAppended
 ) -> MessageAppended:
-    """Wait for the reply workflow; fill in its status, output and reply message."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with db.session_scope() as session:
-            run = session.get(WorkflowRun, workflow_id)
-            step = session.exec(select(StepRun).where(StepRun.workflow_id == workflow_id)).first()
-            status = run.status if run is not None else None
-            output, error = (step.output, step.error) if step is not None else (None, None)
-        if status is not None and status.terminal:
-            break
-        if time.monotonic() > deadline:
-            result.status = "running"
-            return result
-        time.sleep(POLL_S)
-    result.status, result.output, result.error = status.value, output, error
+    """Fill in the reply workflow's status, output and reply message, as ``view`` has them."""
+    if not view.status.terminal:
+        result.status = "running"
+        return result
+    step = view.steps[0] if view.steps else None
+    output, error = (step.output, step.error) if step is not None else (None, None)
+    result.status, result.output, result.error = view.status.value, output, error
     reply_seq = ((output or {}).get("memory") or {}).get("reply_seq")
     if reply_seq:
         found = mem.conversations.messages(tenant, result.message.conversation_id, [reply_seq])

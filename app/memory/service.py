@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import redis
 
-from app.scheduler import live
 from app.core.config import Settings, get_settings
 from app.core.errors import ConfigError, UnknownModelError
+from app.core.redis import get_redis
 from app.memory.blocks import BlockStore
 from app.memory.store import ConversationStore
 from app.memory.vectors import VectorIndex, detect_index
@@ -57,7 +57,7 @@ def get_memory() -> Memory:
     with _lock:
         mem = _memories.get(key)
         if mem is None:
-            mem = _memories[key] = build_memory(live.get_redis(), settings)
+            mem = _memories[key] = build_memory(get_redis(), settings)
         return mem
 
 

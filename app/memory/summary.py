@@ -117,11 +117,9 @@ def enqueue(
     mem: Memory, tenant: str, conv: Conversation, upto: int, settings: Settings
 ) -> str | None:
     """Queue a summary workflow on ``CORRAL_MEMORY_SUMMARY_MODEL``; None if one is queued."""
-    from app import engine
-    from app.dispatch import CeleryDispatcher
+    from app.workflows import service
     from app.workflows.spec import validate_workflow
     from models.catalog import load_catalog
-    from workers.celery_app import celery_app
 
     lock = Keys(tenant).summarising(conv.id)
     if not mem.redis.set(lock, upto, nx=True, ex=LOCK_S):
@@ -144,9 +142,7 @@ def enqueue(
     }
     try:
         validated = validate_workflow(raw, load_catalog(settings.catalog_path), settings)
-        run = engine.create_workflow(
-            validated, CeleryDispatcher(celery_app), api_key_id=key_id_of(tenant)
-        )
+        run = service.submit_validated(validated, api_key_id=key_id_of(tenant))
     except Exception:
         mem.redis.delete(lock)
         raise

@@ -1,58 +1,18 @@
-"""Live state in Redis: cancellation flags and the registry of running worker pools."""
+"""The registry of running worker pools in Redis: each worker's heartbeat and model."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from typing import Any
 
-import redis
-from redis.exceptions import RedisError
-
-from app import inline
 from app.core.config import get_settings
-from app.core.errors import ServiceUnavailable
+from app.core.redis import get_redis
 
-CANCEL_KEY = "corral:cancel:{workflow_id}"
 WORKER_KEY = "corral:worker:{hostname}"
-CANCEL_TTL_S = 7 * 24 * 3600
-
-_clients: dict[tuple[str, int], redis.Redis] = {}
-_lock = threading.Lock()
 # (Redis URL, pid): (read at, workers), the live-pool view last read from that Redis
 _live_cache: dict[tuple[str, int], tuple[float, list[dict[str, Any]]]] = {}
-
-
-def get_redis() -> redis.Redis:
-    """This process's Redis client for the settings' URL (a new one after a fork)."""
-    url = get_settings().broker_url
-    key = (url, os.getpid())
-    with _lock:
-        client = _clients.get(key)
-        if client is None:
-            client = _clients[key] = redis.Redis.from_url(
-                url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
-            )
-        return client
-
-
-def ping() -> None:
-    """Raise ServiceUnavailable unless Redis answers PING."""
-    try:
-        get_redis().ping()
-    except (RedisError, OSError) as exc:
-        raise ServiceUnavailable(f"Redis is unavailable: {exc}") from exc
-
-
-def request_cancel(workflow_id: str) -> None:
-    """Tell running steps of a workflow to stop (they poll this flag)."""
-    get_redis().set(CANCEL_KEY.format(workflow_id=workflow_id), 1, ex=CANCEL_TTL_S)
-
-
-def is_cancelled(workflow_id: str) -> bool:
-    return bool(get_redis().exists(CANCEL_KEY.format(workflow_id=workflow_id)))
 
 
 def register_worker(hostname: str, info: dict[str, Any], ttl_s: float) -> None:
@@ -81,7 +41,6 @@ def live_workers(max_age_s: float = 0.0) -> list[dict[str, Any]]:
     cached = _live_cache.get(view)
     if max_age_s > 0 and cached is not None and now - cached[0] < max_age_s:
         return cached[1]
-    inline.would_wait("a fresh live-pool view from Redis")
     client = get_redis()
     keys = sorted(client.scan_iter(match=WORKER_KEY.format(hostname="*"), count=500))
     workers = [json.loads(v) for v in client.mget(keys) if v is not None] if keys else []

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Self
 
 from pydantic import BaseModel
-from sqlalchemy import Row
 
-from app.store.tables import StepStatus, WorkflowRun, WorkflowStatus
+from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 
 
 class StepPublic(BaseModel):
@@ -30,20 +28,19 @@ class StepPublic(BaseModel):
     duration_ms: float | None
 
     @classmethod
-    def of(cls, row: Row[*tuple[Any, ...]]) -> StepPublic:
-        """From a row of :data:`app.rows.VIEW` (the step's columns that clash with the
-        workflow's are labelled ``step_status``, ``step_error``, ``step_finished_at``)."""
-        finished, started = row.step_finished_at, row.started_at
+    def of(cls, row: StepRun) -> StepPublic:
+        """From a step's row."""
+        finished, started = row.finished_at, row.started_at
         return cls(
             id=row.step_id,
             kind=row.kind,
             model=row.model,
-            status=row.step_status,
+            status=row.status,
             depends_on=row.depends_on,
             attempts=row.attempts,
             max_attempts=row.max_attempts,
             output=row.output,
-            error=row.step_error,
+            error=row.error,
             queued_at=row.queued_at,
             started_at=started,
             finished_at=finished,
@@ -64,7 +61,7 @@ class WorkflowSummary(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, row: WorkflowRun | Row[*tuple[Any, ...]], **extra: Any) -> Self:
+    def of(cls, row: WorkflowRun, **extra: Any) -> Self:
         """From a workflow row; ``extra`` fills a subclass's fields (a view's steps)."""
         return cls(
             id=row.id,
@@ -81,12 +78,6 @@ class WorkflowPublic(WorkflowSummary):
     """A workflow with every step's state."""
 
     steps: list[StepPublic]
-
-    @classmethod
-    def of_view(cls, found: Sequence[Any]) -> WorkflowPublic:
-        """From the rows of :data:`app.rows.VIEW` (the workflow's columns on each row, one
-        row per step; one row with no step columns for a workflow without steps)."""
-        return cls.of(found[0], steps=[StepPublic.of(r) for r in found if r.step_id is not None])
 
 
 class WorkflowAccepted(BaseModel):

@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from app import inline
 from app.core.config import get_settings
 from models.catalog import CatalogEntry
 
@@ -22,7 +21,6 @@ def _vocab(path: Path) -> Any:
     vocab = _vocabs.get(path)
     if vocab is not None:
         return vocab
-    inline.would_wait(f"the vocabulary of {path.name} to load")
     with _lock:
         if path not in _vocabs:
             from llama_cpp import Llama

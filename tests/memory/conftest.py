@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app.scheduler import live
 from app.core.config import Settings
+from app.core.redis import get_redis
 from app.memory.service import Memory, build_memory
 from models.catalog import load_catalog
 from workers.runtime import LlamaCppRuntime
@@ -20,7 +20,7 @@ CATALOG = load_catalog()
 
 @pytest.fixture
 def mem(settings: Settings) -> Memory:
-    return build_memory(live.get_redis(), settings)
+    return build_memory(get_redis(), settings)
 
 
 @pytest.fixture

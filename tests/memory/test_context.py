@@ -8,8 +8,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from app.workflows.engine import StepWork
 
-from app.claims import StepWork
 from app.core.config import Settings, use_settings
 from app.core.errors import StepInputError
 from app.memory import summary
@@ -17,8 +17,8 @@ from app.memory.context import ContextRequest, assemble
 from app.memory.schemas import SearchHit
 from app.memory.service import Memory, get_memory
 from app.memory.store import NewMessage
-from app.workflows.spec import ChatInput
 from app.store.tables import utcnow
+from app.workflows.spec import ChatInput
 from models.tiny import _WORDS
 from workers.memory import memory_chat
 from workers.runtime import LlamaCppRuntime, RunControl

@@ -12,8 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.store import db
-from app.store import keys
+from app.store import db, keys
 from models.tiny import _WORDS
 from tests.utils.platform import Platform
 

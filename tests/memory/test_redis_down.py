@@ -6,12 +6,10 @@ import asyncio
 
 import httpx
 
-from app.store import db
-from app.store import keys
 from app.api.main import create_app
 from app.core.config import Settings, use_settings
 from app.core.embedded import free_port
-from tests.utils.recording import RecordingDispatcher
+from app.store import db, keys
 
 
 def test_memory_routes_answer_503_without_redis(settings: Settings) -> None:
@@ -20,7 +18,7 @@ def test_memory_routes_answer_503_without_redis(settings: Settings) -> None:
     dead = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
 
     async def calls() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=create_app(RecordingDispatcher()))
+        transport = httpx.ASGITransport(app=create_app())
         headers = {"Authorization": f"Bearer {key}"}
         async with httpx.AsyncClient(
             transport=transport, base_url="http://corral", headers=headers

@@ -11,8 +11,8 @@ import uuid
 import numpy as np
 import pytest
 
-from app.scheduler import live
 from app.core.errors import ConfigError
+from app.core.redis import get_redis
 from app.memory.service import Memory
 from app.memory.store import NewMessage
 from app.memory.vectors import (
@@ -41,7 +41,7 @@ def reference(planted, query, k, exclude=()):
 
 @pytest.fixture(params=["scan", "redisearch"])
 def index(request: pytest.FixtureRequest, settings) -> VectorIndex:
-    client = live.get_redis()
+    client = get_redis()
     if request.param == "redisearch":
         if not search_supported(client):
             pytest.skip("this Redis has no vector search (RediSearch ≥ 2.4): scan path only")
@@ -125,7 +125,7 @@ def test_scan_cache_sees_new_vectors(mem: Memory, tenant: str) -> None:
 
 
 def test_detection_on_this_server(settings) -> None:
-    client = live.get_redis()
+    client = get_redis()
     supported = search_supported(client)
     picked = detect_index(client, "auto")
     assert picked.kind == ("redisearch" if supported else "scan")

@@ -10,8 +10,9 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
 
-from app.api.deps import ApiKeyDep, CatalogDep, DispatcherDep, MemoryDep, SettingsDep
+from app.api.deps import ApiKeyDep, CatalogDep, FinishedDep, MemoryDep, SettingsDep
 from app.core.config import Settings
 from app.core.errors import NotFoundError, SpecError, UnknownModelError
 from app.memory import embedding, respond
@@ -27,8 +28,10 @@ from app.memory.schemas import (
     MessageCreate,
     MessagePage,
 )
-from app.memory.service import default_chat_model
+from app.memory.service import Memory, default_chat_model
 from app.memory.store import NewMessage
+from app.store.tables import ApiKey
+from app.workflows import service
 from app.workflows.tokens import count_tokens
 from models.catalog import Catalog
 
@@ -135,14 +138,14 @@ def delete_conversation(conversation_id: str, key: ApiKeyDep, mem: MemoryDep) ->
 
 
 @router.post("/{conversation_id}/messages", status_code=201, response_model=MessageAppended)
-def append_message(
+async def append_message(
     conversation_id: str,
     body: MessageCreate,
     key: ApiKeyDep,
     mem: MemoryDep,
     settings: SettingsDep,
     catalog: CatalogDep,
-    dispatcher: DispatcherDep,
+    finished: FinishedDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> MessageAppended:
     """Append a message; with ``respond``, also run a chat step on the conversation.
@@ -151,6 +154,25 @@ def append_message(
     ``status: running`` and the ``workflow_id`` to poll at ``/v1/workflows/{id}``. With an
     ``Idempotency-Key`` header a retried append adds nothing.
     """
+    result = await run_in_threadpool(
+        _append, conversation_id, body, key, mem, settings, catalog, idempotency_key
+    )
+    if body.respond is None or result.workflow_id is None or not body.respond.wait:
+        return result
+    timeout = body.respond.timeout_s or settings.memory_respond_timeout_s
+    view = await service.wait_for_end(finished, result.workflow_id, key.id, timeout)
+    return await run_in_threadpool(respond.finish, mem, tenant_of(key.id), view, result)
+
+
+def _append(
+    conversation_id: str,
+    body: MessageCreate,
+    key: ApiKey,
+    mem: Memory,
+    settings: Settings,
+    catalog: Catalog,
+    idempotency_key: str | None,
+) -> MessageAppended:
     tenant = tenant_of(key.id)
     if len(body.content) > settings.memory_max_message_chars:
         raise SpecError.single(
@@ -196,12 +218,8 @@ def append_message(
         api_key_id=key.id,
         catalog=catalog,
         settings=settings,
-        dispatcher=dispatcher,
     )
     result.status = "running"
-    if body.respond.wait:
-        timeout = body.respond.timeout_s or settings.memory_respond_timeout_s
-        result = respond.wait(mem, tenant, result.workflow_id, timeout, result)
     return result
 
 

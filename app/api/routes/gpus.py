@@ -8,9 +8,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.scheduler import live
 from app.api.deps import ApiKeyDep
 from app.core.config import get_settings
+from app.core.redis import get_redis
+from app.scheduler import live
 from app.scheduler.service import make_ledger, pending
 
 router = APIRouter(prefix="/v1", tags=["scheduler"])
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/v1", tags=["scheduler"])
 
 def gpus_view() -> dict[str, Any]:
     """Every registered GPU with its reservations and free bytes, and the pending pools."""
-    client = live.get_redis()
+    client = get_redis()
     ledger = make_ledger(get_settings(), client)
     usage = ledger.usage()
     by_gpu: dict[str, list[dict[str, Any]]] = {}

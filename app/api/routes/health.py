@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.store import db
-from app.scheduler import live
 from app.core.errors import ServiceUnavailable
+from app.core.redis import ping
+from app.store import db
 
 router = APIRouter(tags=["health"])
 
@@ -22,7 +22,7 @@ def healthz() -> dict[str, str]:
 def readyz() -> JSONResponse:
     """Redis and the database both answer."""
     checks: dict[str, str] = {}
-    for name, probe in (("redis", live.ping), ("database", db.ping)):
+    for name, probe in (("redis", ping), ("database", db.ping)):
         try:
             probe()
             checks[name] = "ok"
