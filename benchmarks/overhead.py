@@ -194,7 +194,7 @@ def step_overhead(
         # Where Corral's time goes, from its own timestamps (contiguous, sum to the total):
         # accept = client send → step marked queued (API, before the commit);
         # to_claim = queued → the worker takes the step (commit, publish, Redis, worker;
-        # its started_at: the read of the step, or its claim with CORRAL_CLAIM_AFTER_S=0);
+        # until the step's started_at);
         # model = the runtime's llama.cpp call; worker_rest = the rest of the worker's
         # step until its result is written; to_client = result written → client has it
         # (commit, notify, long-poll wake-up, read, HTTP).

@@ -45,11 +45,13 @@ from benchmarks.stats import children_of, cpu_s
 # the standard library, or a file's in this repository); the first match wins per frame.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("llama.cpp runtime", ("llama_cpp/", "workers/runtime.py")),
-    ("database", ("sqlalchemy/", "sqlmodel/", "psycopg", "sqlite3/", "app/store/db.py", "app/rows.py")),
+    ("database", ("sqlalchemy/", "sqlmodel/", "psycopg", "sqlite3/", "app/store/")),
     ("redis client", ("redis/",)),
     ("celery, kombu, billiard", ("celery/", "kombu/", "billiard/", "vine/")),
     ("http: uvicorn, starlette, fastapi", ("uvicorn/", "starlette/", "fastapi/", "anyio/")),
-    ("validation, templates", ("pydantic", "jinja2/", "app/workflows/spec.py", "app/workflows/templating.py")),
+    ("validation, templates", (
+        "pydantic", "jinja2/", "app/workflows/spec.py", "app/workflows/templating.py",
+    )),
     ("corral", ("app/", "workers/", "models/")),
 )  # fmt: skip
 OTHER = "python, other"

@@ -24,10 +24,9 @@ import redis
 import yaml
 from celery import Celery
 
-from app.store import db
-from app.store import keys
 from app.core.config import PACKAGE_ROOT, Settings, settings_env, use_settings
 from app.core.embedded import EmbeddedRedis, free_port
+from app.store import db, keys
 from app.store.migrate import upgrade
 from benchmarks import bare, stats
 from benchmarks.client import BenchClient, ClientKind, open_client
