@@ -1,6 +1,8 @@
 """The Celery application: configuration only. Tasks live in ``workers.tasks``.
 
-Queue and task names live in :mod:`app.workflows.names` (the API sends by them too).
+Queue and task names live in :mod:`app.workflows.names` (the API sends by them too); the
+ones re-exported here are for callers that still import them from this module. The broker
+is Redis through kombu's own transport.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from app.workflows.names import (
 )
 
 __all__ = ["STEP_TASK", "SYSTEM_QUEUE", "celery_app", "make_celery", "queue_for"]
-
 
 
 def make_celery() -> Celery:

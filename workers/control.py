@@ -2,17 +2,17 @@
 
 A higher-priority placement sends it (Celery remote control, to one worker by name). The
 worker refuses while a step runs or is reserved — a busy pool is never evicted — otherwise
-it stops consuming, releases its reservation and shuts down warmly.
+it stops consuming, releases its reservation and shuts down warmly: it sets Celery's own
+stop flag (what its SIGTERM handler sets), which the consumer's loop acts on after this
+command has replied.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
 from typing import Any
 
+from celery.platforms import EX_OK
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 
@@ -47,7 +47,7 @@ def corral_release(state: Any, reason: str = "") -> dict[str, Any]:
     log.warning(
         "evicted (%s): released %d reservation(s), shutting down", reason, len(_Held.reservations)
     )
-    threading.Timer(0.2, os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+    worker_state.should_stop = EX_OK
     return {"released": True}
 
 

@@ -1,13 +1,13 @@
 """A model worker process's lifecycle: load the model after the fork, heartbeat, unload.
 
-``corral worker --model NAME`` sets ``CORRAL_WORKER_MODEL`` and starts Celery's prefork
-pool; each pool process loads the GGUF once in ``worker_process_init`` (after the fork,
-never at import) and announces itself in Redis while it lives.
+``corral worker --model NAME`` sets ``CORRAL_WORKER_MODEL`` (and the placement's settings)
+and starts Celery's prefork pool; each pool process reads them from :func:`get_settings`,
+loads the GGUF once in ``worker_process_init`` (after the fork, never at import) and
+announces itself in Redis while it lives.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -17,17 +17,16 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from app.store import db
-from app.scheduler import live
-from app.core.config import get_settings
-from app.core.process import freeze_startup_objects
+from app.core.config import Settings, get_settings
 from app.core.errors import ModelFileError
+from app.core.process import freeze_startup_objects
+from app.core.redis import get_redis
+from app.scheduler import live
+from app.store import db
 from models.catalog import load_catalog
 from workers.runtime import LlamaCppRuntime, ModelRuntime, Placement
 
 log = logging.getLogger(__name__)
-
-WORKER_MODEL_ENV = "CORRAL_WORKER_MODEL"
 
 
 class _State:
@@ -39,20 +38,17 @@ class _State:
 
 
 def worker_model() -> str | None:
-    """The model this worker process serves, if it is a model worker."""
-    return os.environ.get(WORKER_MODEL_ENV) or None
+    """The model this worker process serves (``CORRAL_WORKER_MODEL``), if any."""
+    return get_settings().worker_model or None
 
 
-def placement_from_env() -> Placement:
+def placement_from_settings(settings: Settings) -> Placement:
     """Where to put the model, as the scheduler (or the defaults) decided."""
-    layers = int(os.environ.get("CORRAL_N_GPU_LAYERS", "0"))
-    split = os.environ.get("CORRAL_TENSOR_SPLIT")
-    threads = os.environ.get("CORRAL_N_THREADS")
     return Placement(
-        n_gpu_layers=layers,
-        main_gpu=int(os.environ.get("CORRAL_MAIN_GPU", "0")),
-        tensor_split=[float(x) for x in split.split(",")] if split else None,
-        n_threads=int(threads) if threads else None,
+        n_gpu_layers=settings.n_gpu_layers,
+        main_gpu=settings.main_gpu,
+        tensor_split=list(settings.tensor_split) if settings.tensor_split else None,
+        n_threads=settings.n_threads,
     )
 
 
@@ -61,28 +57,27 @@ def load_runtime(name: str) -> ModelRuntime:
     settings = get_settings()
     catalog = load_catalog(settings.catalog_path)
     entry = catalog.get(name)
-    ctx = os.environ.get("CORRAL_WORKER_CTX")
     return LlamaCppRuntime(
         entry,
         catalog.path_for(entry, settings.models_path),
-        placement_from_env(),
-        n_ctx=int(ctx) if ctx else None,
+        placement_from_settings(settings),
+        n_ctx=settings.worker_ctx,
     )
 
 
 def _mark_loaded() -> None:
     """Tell the ledger the reserved memory is now in use (the driver's figure counts it)."""
-    raw = os.environ.get("CORRAL_RESERVATIONS")
-    if not raw:
+    settings = get_settings()
+    if not settings.reservations:
         return
     from app.scheduler.ledger import Reservation
     from app.scheduler.service import make_ledger
 
     held = [
-        Reservation(id=r["id"], host=r["host"], gpu=r["gpu"], model="", holder="", bytes=0)
-        for r in json.loads(raw)
+        Reservation(id=r.id, host=r.host, gpu=r.gpu, model="", holder="", bytes=0)
+        for r in settings.reservations
     ]
-    make_ledger(get_settings(), live.get_redis()).mark_loaded(held)
+    make_ledger(settings, get_redis()).mark_loaded(held)
 
 
 def get_runtime() -> ModelRuntime:
@@ -90,7 +85,7 @@ def get_runtime() -> ModelRuntime:
     if _State.runtime is None:
         name = worker_model()
         if name is None:
-            raise ModelFileError(f"this process serves no model; set {WORKER_MODEL_ENV}")
+            raise ModelFileError("this process serves no model; set CORRAL_WORKER_MODEL")
         if _State.error is not None:
             raise ModelFileError(_State.error)
         _State.runtime = load_runtime(name)
@@ -139,6 +134,7 @@ def _on_process_init(**_: Any) -> None:
         _mark_loaded()
     except Exception as exc:
         log.warning("could not mark the reservation loaded: %s", exc)
+    reservations = get_settings().reservations
     _State.worker_id = f"{name}@{socket.gethostname()}:{os.getpid()}"
     _State.info = {
         "worker": _State.worker_id,
@@ -149,10 +145,8 @@ def _on_process_init(**_: Any) -> None:
         "load_ms": round(getattr(runtime, "load_ms", 0.0), 1),
         "started_at": time.time(),
         "busy": False,
-        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        if os.environ.get("CORRAL_RESERVATIONS")
-        else "",
-        "reservations": json.loads(os.environ.get("CORRAL_RESERVATIONS", "[]")),
+        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "") if reservations else "",
+        "reservations": [r.model_dump() for r in reservations],
         "steps_done": 0,
         # What the loading made is frozen too; full collections walk only what comes later.
         "gc_frozen": freeze_startup_objects(),

@@ -1,7 +1,9 @@
 """`corral worker`: check the model, place it on a GPU (or the CPU), then run a Celery pool.
 
 The placement happens before Celery starts and before llama.cpp initialises: the pool
-processes inherit ``CUDA_VISIBLE_DEVICES`` and the layer split through the environment.
+processes inherit ``CUDA_VISIBLE_DEVICES``, and the model and its layer split as
+``CORRAL_*`` settings, through the environment. Celery consumes with kombu's own Redis
+transport.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import json
 import os
 import socket
 
-from app.core.config import get_settings
-from app.core.errors import ConfigError, PlacementError
-from app.scheduler.live import get_redis
+from app.core.config import get_settings, reload_settings
+from app.core.errors import ConfigError, PlacementError, ServiceUnavailable
+from app.core.redis import get_redis, ping
 from app.scheduler.inventory import detect_inventory, format_bytes
 from app.scheduler.placement import Placement
 from app.scheduler.service import PoolScheduler
+from app.workflows.names import queue_for
 from models.catalog import load_catalog
 from models.gguf_info import read_gguf_info
 
@@ -43,8 +46,14 @@ def run_worker(
             f"--ctx must be between 1 and {entry.name}'s context_length {entry.context_length}, "
             f"got {n_ctx}"
         )
+    try:  # the broker: an unreachable one is said now, not retried by Celery for minutes
+        ping()
+    except ServiceUnavailable as exc:
+        raise ServiceUnavailable(
+            f"{exc}; start it, or point CORRAL_REDIS_URL at a running Redis"
+        ) from exc
     from workers import control
-    from workers.celery_app import celery_app, queue_for
+    from workers.celery_app import celery_app
 
     hostname = socket.gethostname()
     nodename = f"{entry.name}.{os.getpid()}@{hostname}"
@@ -76,6 +85,9 @@ def run_worker(
     os.environ["CORRAL_WORKER_MODEL"] = entry.name
     if n_ctx:
         os.environ["CORRAL_WORKER_CTX"] = str(n_ctx)
+    # Settings are read once per process: read them again with the worker's own, which
+    # the pool processes forked below inherit.
+    reload_settings()
     where = "CPU"
     if placement is not None and placement.estimate is not None:
         gpus = ",".join(map(str, placement.indices))
@@ -85,10 +97,6 @@ def run_worker(
         f"n_ctx {n_ctx or entry.n_ctx}) on queue {queue_for(entry.name)}, {where}",
         flush=True,
     )
-    # The consumer's transport: kombu's Redis one, less a client object per ack.
-    from workers.broker import transport_for
-
-    celery_app.conf.broker_transport = transport_for(celery_app.conf.broker_url)
     celery_app.worker_main(
         [
             "worker",
@@ -114,7 +122,7 @@ def _pin(placement: Placement) -> None:
     os.environ["CORRAL_N_GPU_LAYERS"] = "-1"
     os.environ["CORRAL_MAIN_GPU"] = "0"  # indices are renumbered from 0 after pinning
     if placement.split:
-        os.environ["CORRAL_TENSOR_SPLIT"] = ",".join(str(n) for n in placement.split)
+        os.environ["CORRAL_TENSOR_SPLIT"] = json.dumps(list(placement.split))
     os.environ["CORRAL_RESERVATIONS"] = json.dumps(
         [{"id": r.id, "host": r.host, "gpu": r.gpu} for r in placement.reservations]
     )

@@ -7,7 +7,9 @@ import hmac
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
+from cachetools import TTLCache
 from sqlmodel import Session, select
 
 from app.core.errors import AuthError
@@ -64,35 +66,35 @@ def revoke_key(session: Session, prefix_or_id: str) -> ApiKey:
 class VerifiedKeys:
     """Keys this process verified recently, by the SHA-256 of the key, for ``ttl_s``.
 
-    Every request authenticates; with this, a known key costs a hash and a dict lookup
+    Every request authenticates; with this, a known key costs a hash and a cache lookup
     instead of a database read. A revoked key stops working within ``ttl_s`` on every API
     process (``CORRAL_API_KEY_CACHE_S``; 0 checks the database on every request). Unknown
-    or revoked keys are never remembered.
+    or revoked keys are never remembered. A :class:`cachetools.TTLCache` holds the entries
+    (expired on read, the least recently used evicted when full) behind a lock, since the
+    API's event loop and its thread pool share it; ``timer`` is its clock.
     """
 
-    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, ttl_s: float, max_entries: int = 10_000, timer: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._entries: dict[str, tuple[float, ApiKey]] = {}
+        self._entries: TTLCache[str, ApiKey] | None = (
+            TTLCache(maxsize=max_entries, ttl=ttl_s, timer=timer) if ttl_s > 0 else None
+        )
         self._lock = threading.Lock()
 
     def get(self, key: str) -> ApiKey | None:
-        if self.ttl_s <= 0:
+        """The row verified for ``key`` less than ``ttl_s`` ago, else None."""
+        if self._entries is None:
             return None
         digest = _hash(key)
         with self._lock:
-            found = self._entries.get(digest)
-            if found is None:
-                return None
-            if found[0] < time.monotonic():
-                del self._entries[digest]
-                return None
-            return found[1]
+            return self._entries.get(digest)
 
     def put(self, key: str, row: ApiKey) -> None:
-        if self.ttl_s <= 0:
+        """Remember that ``key`` verified as ``row``, for ``ttl_s``."""
+        if self._entries is None:
             return
+        digest = _hash(key)
         with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()
-            self._entries[_hash(key)] = (time.monotonic() + self.ttl_s, row)
+            self._entries[digest] = row

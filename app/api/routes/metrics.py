@@ -1,62 +1,102 @@
-"""Prometheus metrics (text exposition format), no API key: workflow and step counts by
-status, queue lengths per model queue, live workers per model, and this API process's
-submits by where they ran and its garbage collector."""
+"""Prometheus metrics, no API key, from prometheus_client's own registry.
+
+:class:`CorralCollector` reads the figures at scrape time: workflow and step runs by
+status (the database), messages waiting on each model queue and live worker processes
+per model (Redis), and the start-up objects this API process froze. prometheus_client's
+:class:`~prometheus_client.GCCollector` adds this process's garbage collector
+(``python_gc_*``).
+"""
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
+from collections.abc import Iterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, GCCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func
 from sqlmodel import select
 
+from app.core.config import get_settings
+from app.core.redis import get_redis
 from app.scheduler import live
-from app.api.deps import CatalogDep, SessionDep
-from app.api.routes.workflows import SUBMIT_PATHS
-from app.core.process import gc_metrics
+from app.store import db
 from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
+from app.workflows.names import queue_for
+from models.catalog import load_catalog
 
 router = APIRouter(tags=["health"])
 
 
+class CorralCollector(Collector):
+    """Corral's gauges, read from the database and Redis each time it is collected."""
+
+    def describe(self) -> Iterator[Metric]:
+        """No families up front: registering this collector reads nothing."""
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        """The workflow, step, queue, worker and frozen-object gauges, read now."""
+        workflows = GaugeMetricFamily(
+            "corral_workflows", "Workflow runs by status.", labels=["status"]
+        )
+        steps = GaugeMetricFamily("corral_steps", "Step runs by status.", labels=["status"])
+        with db.session_scope() as session:
+            by_workflow = {
+                WorkflowStatus(status): n
+                for status, n in session.exec(
+                    select(WorkflowRun.status, func.count()).group_by(WorkflowRun.status)
+                )
+            }
+            by_step = {
+                StepStatus(status): n
+                for status, n in session.exec(
+                    select(StepRun.status, func.count()).group_by(StepRun.status)
+                )
+            }
+        for wstatus in WorkflowStatus:
+            workflows.add_metric([wstatus.value], by_workflow.get(wstatus, 0))
+        for sstatus in StepStatus:
+            steps.add_metric([sstatus.value], by_step.get(sstatus, 0))
+        yield workflows
+        yield steps
+
+        models = [entry.name for entry in load_catalog(get_settings().catalog_path).entries]
+        pipe = get_redis().pipeline()
+        for model in models:
+            pipe.llen(queue_for(model))
+        queues = GaugeMetricFamily(
+            "corral_queue_length", "Messages waiting on each model queue.", labels=["model"]
+        )
+        for model, length in zip(models, pipe.execute(), strict=True):
+            queues.add_metric([model], length)
+        yield queues
+
+        live_by_model = Counter(str(w.get("model")) for w in live.live_workers())
+        workers = GaugeMetricFamily(
+            "corral_workers", "Live worker processes per model.", labels=["model"]
+        )
+        for model in models:
+            workers.add_metric([model], live_by_model.get(model, 0))
+        yield workers
+
+        yield GaugeMetricFamily(
+            "corral_gc_frozen_objects",
+            "Start-up objects the collector no longer walks.",
+            value=gc.get_freeze_count(),
+        )
+
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+REGISTRY.register(CorralCollector())
+GCCollector(registry=REGISTRY)
+
+
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(session: SessionDep, catalog: CatalogDep) -> str:
-    """Counters and gauges for Prometheus."""
-    lines = [
-        "# HELP corral_workflows Workflow runs by status.",
-        "# TYPE corral_workflows gauge",
-    ]
-    for status, n in session.exec(
-        select(WorkflowRun.status, func.count()).group_by(WorkflowRun.status)
-    ):
-        lines.append(f'corral_workflows{{status="{WorkflowStatus(status).value}"}} {n}')
-    lines += ["# HELP corral_steps Step runs by status.", "# TYPE corral_steps gauge"]
-    for status, n in session.exec(select(StepRun.status, func.count()).group_by(StepRun.status)):
-        lines.append(f'corral_steps{{status="{StepStatus(status).value}"}} {n}')
-    client = live.get_redis()
-    workers = Counter(str(w.get("model")) for w in live.live_workers())
-    lines += [
-        "# HELP corral_queue_length Messages waiting on each model queue.",
-        "# TYPE corral_queue_length gauge",
-    ]
-    pipe = client.pipeline()
-    for entry in catalog.entries:
-        pipe.llen(f"model.{entry.name}")
-    for entry, length in zip(catalog.entries, pipe.execute(), strict=True):
-        lines.append(f'corral_queue_length{{model="{entry.name}"}} {length}')
-    lines += [
-        "# HELP corral_workers Live worker processes per model.",
-        "# TYPE corral_workers gauge",
-    ]
-    for entry in catalog.entries:
-        lines.append(f'corral_workers{{model="{entry.name}"}} {workers.get(entry.name, 0)}')
-    lines += [
-        "# HELP corral_api_submits_total Submits this API process handled, by where they "
-        "ran: on its event loop (nothing had to wait) or in its thread pool.",
-        "# TYPE corral_api_submits_total counter",
-    ]
-    for path in ("event_loop", "thread_pool"):
-        lines.append(f'corral_api_submits_total{{path="{path}"}} {SUBMIT_PATHS[path]}')
-    lines += gc_metrics()
-    return "\n".join(lines) + "\n"
+def metrics() -> Response:
+    """Every collector of :data:`REGISTRY`, in Prometheus' text format."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
