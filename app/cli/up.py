@@ -4,6 +4,11 @@ Starts a Redis of its own (unless ``CORRAL_REDIS_URL`` is set) and SQLite in the
 directory (unless ``CORRAL_DATABASE_URL`` is set), migrates, makes the tiny models when no
 model is present, then runs the API, one worker per present model, beat and Flower as child
 processes, prints an API key, and runs a demo workflow.
+
+Ctrl-C, SIGTERM and SIGHUP stop it the same way, at any point, start-up included: every
+child gets SIGTERM, then after a grace period SIGKILL to what is left of its process group
+(a second signal cuts the grace short), and the embedded Redis stops last. Should `corral
+up` itself die without a word (SIGKILL), the kernel sends its children SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,12 @@ from rich.console import Console
 from app.core.config import get_settings, reload_settings
 from app.core.embedded import EmbeddedRedis, free_port
 from app.core.errors import ConfigError
+from app.core.process import (
+    ShutdownSignals,
+    parent_death_signal,
+    signals_held,
+    stop_children,
+)
 from models.catalog import load_catalog
 
 console = Console()
@@ -75,9 +87,15 @@ DEMO_WORKFLOW: dict[str, Any] = {
 }
 
 
+# Seconds children get between SIGTERM and SIGKILL (a Celery worker finishes its tasks).
+STOP_GRACE_S = 20.0
+
+
 @dataclass
 class Supervisor:
-    """Child processes of `corral up`, each logging to its own file."""
+    """Child processes of `corral up`, each logging to its own file and leading its own
+    process group (so a Ctrl-C at the terminal reaches `corral up` alone, which stops them
+    in order)."""
 
     log_dir: Path
     env: dict[str, str]
@@ -85,15 +103,15 @@ class Supervisor:
 
     def start(self, name: str, *args: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.log_dir / f"{name}.log").open("ab")
-        self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", "app.cli.main", *args],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        with (self.log_dir / f"{name}.log").open("ab") as log, signals_held():
+            self.children[name] = subprocess.Popen(
+                [sys.executable, "-m", "app.cli.main", *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=parent_death_signal(),
+            )
 
     def check(self) -> None:
         for name, proc in self.children.items():
@@ -101,17 +119,10 @@ class Supervisor:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
                 raise ConfigError(f"{name} exited with {proc.returncode}:\n{tail}")
 
-    def stop(self) -> None:
-        for proc in self.children.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in self.children.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def stop(self, hurried: Callable[[], bool] = lambda: False) -> None:
+        """SIGTERM every child, SIGKILL its process group after the grace period (or as
+        soon as ``hurried()``), and reap them."""
+        stop_children(list(self.children.values()), grace_s=STOP_GRACE_S, hurried=hurried)
 
 
 def _wait_ready(sup: Supervisor, api: httpx.Client, models: list[str], timeout_s: float) -> None:
@@ -136,26 +147,45 @@ def run_platform(*, demo: bool, exit_after_demo: bool, flower: bool) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["CORRAL_DATA_DIR"] = str(data_dir)
-    redis_server: EmbeddedRedis | None = None
-    if not settings.redis_url:
-        redis_server = EmbeddedRedis(data_dir / "redis").start()
-        env["CORRAL_REDIS_URL"] = redis_server.url
-        console.print(f"redis    embedded redis-server at {redis_server.url} (AOF in {data_dir})")
     env["CORRAL_DATABASE_URL"] = settings.database_url or f"sqlite:///{data_dir / 'corral.db'}"
-    os.environ.update(env)
-    settings = reload_settings()
     sup = Supervisor(data_dir / "logs", env)
+    redis_server: EmbeddedRedis | None = None
+    with ShutdownSignals() as signals:
+        try:
+            if not settings.redis_url:
+                redis_server = EmbeddedRedis(data_dir / "redis", supervised=True)
+                redis_server.start()
+                env["CORRAL_REDIS_URL"] = redis_server.url
+                console.print(
+                    f"redis    embedded redis-server at {redis_server.url} (AOF in {data_dir})"
+                )
+            os.environ.update(env)
+            settings = reload_settings()
+            return _run(settings, sup, demo=demo, exit_after_demo=exit_after_demo, flower=flower)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM before it was running
+            signum = getattr(exc, "signum", signal.SIGINT)
+            console.print(f"stopping ({signal.Signals(signum).name} during start-up)")
+            return 128 + signum
+        finally:
+            try:
+                signals.stopping()  # from here on, a signal only cuts the grace short
+            finally:
+                _shut_down(sup, redis_server, signals)
+
+
+def _shut_down(
+    sup: Supervisor, redis_server: EmbeddedRedis | None, signals: ShutdownSignals
+) -> None:
+    """The children first (workers finish with Redis still there), then Redis."""
     try:
-        return _run(settings, sup, demo=demo, exit_after_demo=exit_after_demo, flower=flower)
+        sup.stop(hurried=lambda: signals.hurried)
     finally:
-        sup.stop()
         if redis_server is not None:
             redis_server.stop()
 
 
 def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, flower: bool) -> int:
-    from app.store import db
-    from app.store import keys
+    from app.store import db, keys
     from app.store.migrate import upgrade
     from models.tiny import make_tiny
 
@@ -192,13 +222,14 @@ def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, f
             code = _run_demo(api)
     if exit_after_demo:
         return code
-    console.print("running; Ctrl-C stops everything")
+    console.print("running; Ctrl-C (or SIGTERM) stops everything")
     try:
         while True:
             sup.check()
             time.sleep(1)
-    except KeyboardInterrupt:
-        console.print("stopping")
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        console.print(f"stopping ({signal.Signals(signum).name})")
     return code
 
 

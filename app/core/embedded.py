@@ -12,6 +12,7 @@ from pathlib import Path
 import redis
 
 from app.core.errors import ConfigError
+from app.core.process import parent_death_signal, signals_held
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -40,18 +41,26 @@ def redis_server_binary() -> str:
 
 @dataclass
 class EmbeddedRedis:
-    """A private redis-server process with its data (AOF) in ``data_dir``."""
+    """A private redis-server process with its data (AOF) in ``data_dir``.
+
+    ``supervised`` (for `corral up`): the server gets a process group of its own, so a
+    Ctrl-C at the terminal reaches only its supervisor, which stops it after the processes
+    that use it; and the kernel sends it SIGTERM should its supervisor die without a word.
+    """
 
     data_dir: Path
     port: int = 0
     persist: bool = True
     process: subprocess.Popen[bytes] | None = None
+    supervised: bool = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedRedis:
+        """Start the server and wait until it answers; stops it again if that fails or is
+        interrupted (a KeyboardInterrupt, a SIGTERM under :class:`ShutdownSignals`)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         args = [
@@ -65,29 +74,44 @@ class EmbeddedRedis:
             "--logfile", str(self.data_dir / "redis.log"),
             "--daemonize", "no",
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with signals_held():  # started means recorded, for stop()
+            self.process = subprocess.Popen(
+                args,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=self.supervised,
+                preexec_fn=parent_death_signal() if self.supervised else None,
+            )
+        try:
+            self._wait_ping(self.process, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ping(self, process: subprocess.Popen[bytes], timeout_s: float) -> None:
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
                 try:
                     client.ping()
-                    return self
+                    return
                 except redis.ConnectionError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
+                    if process.poll() is not None or time.monotonic() > deadline:
                         log = self.data_dir / "redis.log"
                         tail = log.read_text()[-2000:] if log.exists() else ""
-                        self.stop()
                         raise ConfigError(f"embedded redis-server did not start:\n{tail}") from None
                     time.sleep(0.05)
         finally:
             client.close()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (the server writes its AOF and exits), SIGKILL after ``timeout_s``."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(10)
+                self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
