@@ -159,25 +159,29 @@ def _write_step(row: StepRun, state: rules.StepState, now: datetime) -> None:
 
 @contextmanager
 def _locked(*, workflow_id: str | None = None, step_run_id: str | None = None) -> Iterator[_Locked]:
+    """A write transaction on one workflow (by its id, or through one of its steps) that
+    holds the workflow's lock and has read its steps."""
+    query = (
+        select(WorkflowRun)
+        .options(defer(WorkflowRun.spec))  # type: ignore[arg-type]
+        .with_for_update(of=WorkflowRun)
+    )
+    if step_run_id is not None:
+        query = query.join(StepRun, StepRun.workflow_id == WorkflowRun.id).where(  # type: ignore[arg-type]
+            StepRun.id == step_run_id
+        )
+    else:
+        query = query.where(WorkflowRun.id == workflow_id)
     with db.session_scope(write=True) as session:
-        if workflow_id is None:
-            workflow_id = session.exec(
-                select(StepRun.workflow_id).where(StepRun.id == step_run_id)
-            ).first()
-            if workflow_id is None:
-                raise StepGone(f"no step run {step_run_id!r}")
-        workflow = session.exec(
-            select(WorkflowRun)
-            .where(WorkflowRun.id == workflow_id)
-            .options(defer(WorkflowRun.spec))  # type: ignore[arg-type]
-            .with_for_update()
-        ).first()
+        workflow = session.exec(query).first()
         if workflow is None:
+            if step_run_id is not None:
+                raise StepGone(f"no step run {step_run_id!r}")
             raise NotFoundError(f"no workflow {workflow_id!r}")
         rows = session.exec(
-            select(StepRun).where(StepRun.workflow_id == workflow_id).order_by(StepRun.position)  # type: ignore[arg-type]
+            select(StepRun).where(StepRun.workflow_id == workflow.id).order_by(StepRun.position)  # type: ignore[arg-type]
         ).all()
-        defs, _ = _spec_of(session, workflow_id)
+        defs, _ = _spec_of(session, workflow.id)
         yield _Locked(session, workflow, {r.step_id: r for r in rows}, defs)
 
 

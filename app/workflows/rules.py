@@ -7,8 +7,9 @@ after the commit, sends the steps it names. Every rule of the DAG lives here onc
 * a pending step whose dependencies all ended is decided: cancelled when one of them
   failed or was cancelled, skipped when all of them were skipped or its condition is
   false, failed when its condition cannot be evaluated, queued otherwise;
-* a delivery may run only the attempt its step is ready for, in a running workflow
-  (:func:`claim`); a duplicate or stale delivery runs nothing;
+* a delivery may run only the attempt its step is ready for, in a running workflow, or
+  the attempt it is running (delivered again after its worker died) (:func:`claim`); a
+  stale delivery runs nothing;
 * a result is stored only for the attempt that is running (:func:`succeed`,
   :func:`fail`); a failed attempt is retried with backoff while attempts are left;
 * a step that fails for good fails the workflow, and every step that has not started
@@ -109,13 +110,15 @@ def start(defs: Mapping[str, StepDef], run: Run) -> Next:
 
 
 def claim(run: Run, step_id: str, attempt: int) -> bool:
-    """Whether a delivery of ``attempt`` may start ``step_id`` now."""
+    """Whether a delivery of ``attempt`` may start ``step_id`` now: the attempt it is
+    ready for, or the one it is running (the broker delivers a task again when the
+    worker that held it died; only one result of the attempt is ever stored)."""
     step = run.steps[step_id]
-    return (
-        run.status is WorkflowStatus.running
-        and step.status in SENDABLE
-        and step.attempts == attempt - 1
-    )
+    if run.status is not WorkflowStatus.running:
+        return False
+    if step.status is StepStatus.running:
+        return step.attempts == attempt
+    return step.status in SENDABLE and step.attempts == attempt - 1
 
 
 def started(run: Run, step_id: str, attempt: int) -> Next:
