@@ -12,7 +12,14 @@ from app.core.errors import ServiceUnavailable
 from app.memory import embedding
 from app.memory.service import get_memory
 from app.workflows import dispatch
-from app.workflows.names import MEMORY_PRUNE_TASK, MEMORY_SWEEP_TASK, RECONCILE_TASK, STEP_TASK
+from app.workflows.names import (
+    EMBED_QUERY_TASK,
+    EMBED_TASK,
+    MEMORY_PRUNE_TASK,
+    MEMORY_SWEEP_TASK,
+    RECONCILE_TASK,
+    STEP_TASK,
+)
 from workers import process
 from workers.celery_app import celery_app
 from workers.runtime import RunControl
@@ -49,7 +56,7 @@ def _embedder() -> Callable[[list[str]], Any]:
     return embed
 
 
-@celery_app.task(name=embedding.EMBED_TASK)  # type: ignore[untyped-decorator]
+@celery_app.task(name=EMBED_TASK)  # type: ignore[untyped-decorator]
 def memory_embed_task() -> int:
     """Embed messages waiting in conversation memory, in batches; returns how many."""
     process.set_busy(True)
@@ -59,7 +66,7 @@ def memory_embed_task() -> int:
         process.set_busy(False)
 
 
-@celery_app.task(name=embedding.EMBED_QUERY_TASK)  # type: ignore[untyped-decorator]
+@celery_app.task(name=EMBED_QUERY_TASK)  # type: ignore[untyped-decorator]
 def memory_embed_query_task(reply_key: str, texts: list[str]) -> None:
     """Embed query texts for a caller waiting on ``reply_key``."""
     embedding.answer_query(get_memory(), reply_key, texts, _embedder())

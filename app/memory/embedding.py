@@ -27,11 +27,10 @@ from app.core.errors import ConfigError, ServiceUnavailable
 from app.memory.keys import EMBED_KICK, EMBED_PENDING, ROOT, parse_pending
 from app.memory.service import Memory, embed_model
 from app.memory.vectors import Vectors
+from app.workflows.names import EMBED_QUERY_TASK, EMBED_TASK, queue_for
 
 log = logging.getLogger(__name__)
 
-EMBED_TASK = "corral.memory.embed"
-EMBED_QUERY_TASK = "corral.memory.embed_query"
 LEASE_MS = 60_000
 KICK_EVERY_MS = 2000
 BATCHES_PER_TASK = 16
@@ -49,9 +48,9 @@ return items
 
 
 def _send(task: str, args: list[object], model: str, expires: float | None = None) -> None:
-    from workers.celery_app import celery_app, queue_for
+    from app.workflows.dispatch import producer
 
-    celery_app.send_task(task, args=args, queue=queue_for(model), expires=expires)
+    producer().send_task(task, args=args, queue=queue_for(model), expires=expires)
 
 
 def kick(mem: Memory) -> bool:

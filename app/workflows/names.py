@@ -15,6 +15,8 @@ STEP_TASK = "corral.step.run"
 RECONCILE_TASK = "corral.reconcile"
 MEMORY_SWEEP_TASK = "corral.memory.sweep"
 MEMORY_PRUNE_TASK = "corral.memory.prune"
+EMBED_TASK = "corral.memory.embed"
+EMBED_QUERY_TASK = "corral.memory.embed_query"
 
 
 def queue_for(model: str) -> str:
