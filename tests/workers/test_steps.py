@@ -1,164 +1,272 @@
 """A step attempt end to end in process: ``run_step`` with a real llama.cpp runtime on the
-tiny model, a real database (SQLite, and PostgreSQL when configured) and Redis, the
-dispatcher recording its sends. What the database shows of the step while it runs is
-read by another thread, as a client would.
+tiny model, a real database (SQLite, and PostgreSQL when configured) and a real Redis
+(the tests' own database, which no worker consumes: what a result readies is sent there).
 """
 
 from __future__ import annotations
 
-import logging
+import base64
+import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
-from app import engine
 from app.core.config import Settings, use_settings
-from app.workflows.spec import INPUT_MODELS
-from app.store.tables import StepStatus
-from tests.app.test_engine import create, steps_of
-from tests.utils.recording import RecordingDispatcher
-from workers.runtime import LlamaCppRuntime, RunControl
+from app.core.errors import ServiceUnavailable
+from app.store.tables import StepRun, StepStatus, WorkflowStatus
+from app.workflows import engine, service
+from app.workflows.names import queue_for
+from app.workflows.spec import validate_workflow
+from models.catalog import load_catalog
+from workers import steps
+from workers.runtime import LlamaCppRuntime
 from workers.steps import run_step
 
 
-def long_step(tokens: int) -> dict[str, Any]:
+def gen(step_id: str, prompt: str = "Hi", max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
     return {
-        "id": "a",
+        "id": step_id,
         "kind": "generate",
         "model": "tiny-chat",
-        "input": {"prompt": "Go", "max_tokens": tokens, "ignore_eos": True, "temperature": 0},
+        "input": {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+        **extra,
     }
 
 
-class Watcher:
-    """Reads the step's row every few milliseconds while the worker runs it."""
-
-    def __init__(self, workflow_id: str) -> None:
-        self.workflow_id = workflow_id
-        self.seen: list[tuple[StepStatus, int, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _read(self) -> None:
-        a = steps_of(self.workflow_id)["a"]
-        self.seen.append((a.status, a.attempts, a.started_at))
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self._read()
-            time.sleep(0.003)
-
-    def __enter__(self) -> Watcher:
-        self._read()  # the row before the worker starts, however late the thread's first read
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._read()  # and once after the worker returned
-
-    def statuses(self) -> list[StepStatus]:
-        out: list[StepStatus] = []
-        for status, _, _ in self.seen:
-            if not out or out[-1] is not status:
-                out.append(status)
-        return out
+def submit(settings: Settings, *specs: dict[str, Any]) -> str:
+    raw = {"name": "steps", "steps": list(specs)}
+    validated = validate_workflow(raw, load_catalog(settings.catalog_path), settings)
+    return service.submit_validated(validated, api_key_id=None).id
 
 
-def _tokens_for(runtime: LlamaCppRuntime, seconds: float) -> int:
-    """Tokens the tiny model takes about ``seconds`` to generate on this machine."""
-    started = time.perf_counter()
-    params = INPUT_MODELS["generate"].model_validate(long_step(200)["input"]).model_dump()
-    runtime.generate(params, RunControl())
-    per_token = (time.perf_counter() - started) / 200
-    return min(runtime.n_ctx - 16, max(200, int(seconds / per_token)))
+def steps_of(workflow_id: str) -> dict[str, StepRun]:
+    _, rows = engine.read(workflow_id, None)
+    return {r.step_id: r for r in rows}
 
 
-def run_watched(
-    settings: Settings, runtime: LlamaCppRuntime, tokens: int, *, claim_after_s: float
-) -> tuple[str, Watcher]:
-    """Submit one long step and run it to success with ``run_step``, its row watched.
-    On PostgreSQL its result is stored in one round trip, against the states the worker
-    read with the step (and its own late claim, if it made one)."""
-    stored = engine.SEEN_RESULTS["stored"]
-    with use_settings(settings.model_copy(update={"claim_after_s": claim_after_s})):
-        sent = RecordingDispatcher()
-        wid = create(settings, sent, [long_step(tokens)])
-        (d,) = sent.sent
-        with Watcher(wid) as watcher:
-            assert run_step(d.step_run_id, d.attempt, runtime, RecordingDispatcher()) == (
-                "succeeded"
-            )
-    on_server = settings.sqlalchemy_url.startswith("postgresql")
-    assert engine.SEEN_RESULTS["stored"] - stored == (1 if on_server else 0)
-    return wid, watcher
+def status_of(workflow_id: str) -> WorkflowStatus:
+    return service.read(workflow_id, None).status
 
 
-def test_a_long_step_is_marked_running_while_it_runs(
-    settings: Settings, runtime: LlamaCppRuntime
+@pytest.fixture
+def broker(isolated: Settings) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(isolated.broker_url)
+    yield c
+    c.close()
+
+
+def sent(client: redis.Redis, step_run_id: str) -> dict[int, str | None]:
+    """The attempts of a step on its queue, each with its ETA."""
+    out: dict[int, str | None] = {}
+    for raw in client.lrange(queue_for("tiny-chat"), 0, -1):
+        message = json.loads(raw)
+        (sid, attempt), _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        if sid == step_run_id:
+            out[attempt] = message["headers"].get("eta")
+    return out
+
+
+def test_a_step_runs_and_its_result_is_stored(
+    isolated: Settings, runtime: LlamaCppRuntime, broker: redis.Redis
 ) -> None:
-    tokens = _tokens_for(runtime, 0.6)
-    wid, watcher = run_watched(settings, runtime, tokens, claim_after_s=0.05)
-    a = steps_of(wid)["a"]
-    assert a.output is not None and a.output["completion_tokens"] == tokens
-    assert watcher.statuses() == [StepStatus.queued, StepStatus.running, StepStatus.succeeded]
-    # While it ran, the row said so: this attempt, since the moment it started.
-    running = [(n, at) for status, n, at in watcher.seen if status is StepStatus.running]
-    assert {n for n, _ in running} == {1} and {at for _, at in running} == {a.started_at}
-    assert a.started_at is not None and a.finished_at is not None
-    assert (a.finished_at - a.started_at).total_seconds() >= 0.05
-
-
-def test_a_short_step_is_written_once_by_its_result(
-    settings: Settings, runtime: LlamaCppRuntime
-) -> None:
-    tokens = _tokens_for(runtime, 0.3)
-    wid, watcher = run_watched(settings, runtime, tokens, claim_after_s=30.0)
-    # Never marked running: queued until its result, which counted the attempt and kept
-    # when it started.
-    assert watcher.statuses() == [StepStatus.queued, StepStatus.succeeded]
-    assert all(n == 0 and at is None for s, n, at in watcher.seen if s is StepStatus.queued)
-    a = steps_of(wid)["a"]
-    assert a.attempts == 1 and a.started_at is not None and a.finished_at is not None
-    assert (a.finished_at - a.started_at).total_seconds() >= 0.1
-
-
-def test_claim_after_zero_marks_it_running_before_the_model(
-    settings: Settings, runtime: LlamaCppRuntime
-) -> None:
-    tokens = _tokens_for(runtime, 0.3)
-    _wid, watcher = run_watched(settings, runtime, tokens, claim_after_s=0.0)
-    assert watcher.statuses() == [StepStatus.queued, StepStatus.running, StepStatus.succeeded]
-
-
-def test_a_late_claim_refused_stops_the_model_and_records_nothing(
-    settings: Settings, runtime: LlamaCppRuntime, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The workflow is cancelled in the database while the step runs unmarked and before
-    # any cancel flag reaches the worker: the late claim finds the step gone and stops.
-    tokens = _tokens_for(runtime, 2.0)
-    with use_settings(settings.model_copy(update={"claim_after_s": 0.3, "cancel_poll_s": 60.0})):
-        sent = RecordingDispatcher()
-        wid = create(settings, sent, [long_step(tokens)])
-        (d,) = sent.sent
-        cancel = threading.Timer(0.1, engine.cancel_workflow, args=(wid,))
-        cancel.start()
-        with caplog.at_level(logging.INFO, logger="workers.steps"):
-            assert run_step(d.step_run_id, d.attempt, runtime, RecordingDispatcher()) == "stale"
-        cancel.join()
-    (stopped,) = (
-        m
-        for r in caplog.records
-        if (
-            m := re.search(
-                r"no longer this attempt's to run; stopped after (\d+) tokens", r.getMessage()
-            )
-        )
+    wid = submit(
+        isolated, gen("a"), gen("b", prompt="{{ steps.a.output.text }}!", depends_on=["a"])
     )
-    assert 0 < int(stopped[1]) < tokens  # the model stopped at the late claim, not the end
+    a = steps_of(wid)["a"]
+    assert run_step(a.id, 1, runtime) == "succeeded"
+
+    s = steps_of(wid)
+    out = s["a"].output
+    assert s["a"].status is StepStatus.succeeded and s["a"].attempts == 1
+    assert out is not None and out["text"] and out["completion_tokens"] == 8
+    assert out["model"] == "tiny-chat" and out["attempt"] == 1
+    assert out["timings"]["queue_ms"] >= 0
+    assert s["a"].started_at is not None and s["a"].finished_at is not None
+    assert s["a"].error is None
+    # What it readied was sent, after the commit; the next step renders a's output.
+    assert s["b"].status in (StepStatus.queued, StepStatus.waiting_for_pool)
+    assert sent(broker, s["b"].id) == {1: None}
+    work = service.claim_step(s["b"].id, 1)
+    assert work is not None and work.input["prompt"] == out["text"] + "!"
+    assert status_of(wid) is WorkflowStatus.running
+
+
+def test_a_duplicate_delivery_is_stale_and_records_nothing(
+    isolated: Settings, runtime: LlamaCppRuntime
+) -> None:
+    wid = submit(isolated, gen("a"))
+    sid = steps_of(wid)["a"].id
+    assert run_step(sid, 1, runtime) == "succeeded"
+    before = steps_of(wid)["a"]
+    assert status_of(wid) is WorkflowStatus.succeeded
+
+    assert run_step(sid, 1, runtime) == "stale"  # the same message delivered again
+    assert run_step(sid, 2, runtime) == "stale"  # an attempt nobody sent
+    after = steps_of(wid)["a"]
+    assert (after.status, after.attempts, after.output, after.error) == (
+        before.status,
+        before.attempts,
+        before.output,
+        before.error,
+    )
+    assert after.updated_at == before.updated_at and after.finished_at == before.finished_at
+
+
+def test_a_redelivery_after_its_worker_died_runs_the_attempt_and_stores_it_once(
+    isolated: Settings, runtime: LlamaCppRuntime
+) -> None:
+    wid = submit(isolated, gen("a"))
+    sid = steps_of(wid)["a"].id
+    assert service.claim_step(sid, 1) is not None  # a worker claimed it, then was killed
+    assert steps_of(wid)["a"].status is StepStatus.running
+    assert run_step(sid, 1, runtime) == "succeeded"  # the broker delivered it again
+    a = steps_of(wid)["a"]
+    assert a.status is StepStatus.succeeded and a.attempts == 1
+    assert run_step(sid, 1, runtime) == "stale"
+    assert status_of(wid) is WorkflowStatus.succeeded
+
+
+def test_a_cancel_while_it_runs_stops_the_model(
+    isolated: Settings, runtime: LlamaCppRuntime
+) -> None:
+    tokens = 8000  # seconds of generation for the tiny model; the cancel comes far sooner
+    long = gen("a", prompt="Go", max_tokens=tokens)
+    long["input"]["ignore_eos"] = True
+    wid = submit(isolated, long)
+    sid = steps_of(wid)["a"].id
+
+    def cancel_once_running() -> None:
+        deadline = time.monotonic() + 60
+        while steps_of(wid)["a"].status is not StepStatus.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        service.cancel(wid, None)
+
+    canceller = threading.Thread(target=cancel_once_running)
+    canceller.start()
+    try:
+        assert run_step(sid, 1, runtime) == "cancelled"
+    finally:
+        canceller.join()
+
     a = steps_of(wid)["a"]
     assert a.status is StepStatus.cancelled and a.output is None
+    assert a.error is not None
+    stopped = re.search(r"the worker stopped the model after (\d+) tokens", a.error)
+    assert stopped is not None, a.error
+    assert int(stopped[1]) < tokens  # stopped by the cancel, not by max_tokens
+    assert status_of(wid) is WorkflowStatus.cancelled
+
+
+def test_an_input_template_that_fails_to_render_fails_the_step_without_retry(
+    isolated: Settings, runtime: LlamaCppRuntime, broker: redis.Redis
+) -> None:
+    bad = gen("a", prompt="{{ [].append(1) }}", retry={"max_attempts": 3})
+    wid = submit(isolated, bad)
+    sid = steps_of(wid)["a"].id
+    assert run_step(sid, 1, runtime) == "failed"
+    a = steps_of(wid)["a"]
+    assert a.status is StepStatus.failed and a.attempts == 1
+    assert a.error is not None and a.error.startswith("input template failed to render")
+    assert 2 not in sent(broker, sid)  # no retry, though attempts were left
+    assert status_of(wid) is WorkflowStatus.failed
+
+
+def test_an_arithmetic_error_in_an_input_template_fails_the_step(
+    isolated: Settings, runtime: LlamaCppRuntime
+) -> None:
+    """Not only Jinja's own errors: a division by zero fails the step the same way."""
+    wid = submit(isolated, gen("a", prompt="{{ 1 / 0 }}", retry={"max_attempts": 2}))
+    sid = steps_of(wid)["a"].id
+    assert run_step(sid, 1, runtime) == "failed"
+    a = steps_of(wid)["a"]
+    assert a.status is StepStatus.failed and a.attempts == 1
+    assert a.error is not None and "division by zero" in a.error
+
+
+def test_a_crash_is_retried(
+    isolated: Settings, runtime: LlamaCppRuntime, broker: redis.Redis
+) -> None:
+    retry = {"max_attempts": 2, "backoff_s": 1, "max_backoff_s": 1}
+    wid = submit(isolated, gen("a", retry=retry))
+    sid = steps_of(wid)["a"].id
+    with use_settings(isolated.model_copy(update={"fault_injection": "a:1"})):
+        assert run_step(sid, 1, runtime) == "retrying"
+        a = steps_of(wid)["a"]
+        assert a.status is StepStatus.retrying and a.attempts == 1
+        assert a.error is not None and "injected fault: attempt 1 of 1" in a.error
+        retried = sent(broker, sid)
+        assert set(retried) == {1, 2} and retried[2] is not None  # sent again, with an ETA
+
+        assert run_step(sid, 2, runtime) == "succeeded"
+    a = steps_of(wid)["a"]
+    assert a.status is StepStatus.succeeded and a.attempts == 2 and a.error is None
+    assert a.output is not None and a.output["attempt"] == 2
+    assert status_of(wid) is WorkflowStatus.succeeded
+
+
+def test_a_crash_on_the_last_attempt_fails_the_workflow(
+    isolated: Settings, runtime: LlamaCppRuntime, broker: redis.Redis
+) -> None:
+    wid = submit(isolated, gen("a"))  # one attempt
+    sid = steps_of(wid)["a"].id
+    with use_settings(isolated.model_copy(update={"fault_injection": "a:5"})):
+        assert run_step(sid, 1, runtime) == "failed"
+    a = steps_of(wid)["a"]
+    assert a.status is StepStatus.failed and a.attempts == 1
+    assert set(sent(broker, sid)) == {1}
+    assert status_of(wid) is WorkflowStatus.failed
+
+
+def test_a_result_is_stored_once_the_database_comes_back(
+    isolated: Settings, runtime: LlamaCppRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(steps, "STORE_PATIENCE_S", 30.0)
+    real = service.complete_step
+    calls: list[float] = []
+
+    def down_once(step_run_id: str, attempt: int, output: dict[str, Any]) -> bool:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise ServiceUnavailable("the database is unavailable: injected")
+        return real(step_run_id, attempt, output)
+
+    monkeypatch.setattr(service, "complete_step", down_once)
+    wid = submit(isolated, gen("a"))
+    sid = steps_of(wid)["a"].id
+    assert run_step(sid, 1, runtime) == "succeeded"
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.4  # tried again after a pause
+    a = steps_of(wid)["a"]
+    assert a.status is StepStatus.succeeded and a.output is not None
+    assert status_of(wid) is WorkflowStatus.succeeded
+
+
+def test_a_database_that_stays_down_past_the_patience_raises_and_the_retry_stores(
+    isolated: Settings, runtime: LlamaCppRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_step raises ServiceUnavailable (the task retries its message) rather than
+    dropping the result quietly; the retried delivery of the same attempt runs it again
+    and stores it."""
+    monkeypatch.setattr(steps, "STORE_PATIENCE_S", 0.0)
+    real = service.complete_step
+
+    def down(step_run_id: str, attempt: int, output: dict[str, Any]) -> bool:
+        raise ServiceUnavailable("the database is unavailable: injected")
+
+    monkeypatch.setattr(service, "complete_step", down)
+    wid = submit(isolated, gen("a"))
+    sid = steps_of(wid)["a"].id
+    with pytest.raises(ServiceUnavailable):
+        run_step(sid, 1, runtime)
+    assert steps_of(wid)["a"].status is StepStatus.running
+
+    monkeypatch.setattr(service, "complete_step", real)  # the database is back
+    assert run_step(sid, 1, runtime) == "succeeded"
+    a = steps_of(wid)["a"]
+    assert a.status is StepStatus.succeeded and a.attempts == 1
+    assert status_of(wid) is WorkflowStatus.succeeded
