@@ -9,12 +9,12 @@ from rich.table import Table
 from sqlalchemy import func
 from sqlmodel import select
 
-from app.api.routes.gpus import gpus_view
 from app.core.config import get_settings
 from app.core.errors import CorralError, ServiceUnavailable
 from app.core.redis import get_redis, ping
 from app.scheduler import live
 from app.scheduler.inventory import format_bytes
+from app.scheduler.service import gpus_view
 from app.store import db
 from app.store.tables import WorkflowRun
 from models.catalog import load_catalog

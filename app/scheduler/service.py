@@ -14,14 +14,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from app.core.config import Settings
+from app.core.config import Settings, get_settings
 from app.core.errors import PlacementError
+from app.core.redis import get_redis
 from app.scheduler.estimate import MemoryEstimate, estimate, read_shape
 from app.scheduler.inventory import GpuInventory, format_bytes
 from app.scheduler.ledger import Ledger, Reservation
@@ -276,3 +277,28 @@ class PoolScheduler:
         self._stop.set()
         if placement is not None:
             self.ledger.release(placement.reservations)
+
+
+def gpus_view() -> dict[str, Any]:
+    """Every registered GPU with its reservations and free bytes, and the pending pools."""
+    client = get_redis()
+    ledger = make_ledger(get_settings(), client)
+    usage = ledger.usage()
+    by_gpu: dict[str, list[dict[str, Any]]] = {}
+    for r in ledger.reservations():
+        by_gpu.setdefault(r.gpu_key, []).append({**asdict(r), "standing": r.standing})
+    gpus = []
+    for g in ledger.gpus():
+        u = usage.get(g["key"], {"reserved": 0, "free": 0})
+        gpus.append(
+            {
+                **g,
+                "headroom_bytes": ledger.headroom,
+                "reserved_bytes": u["reserved"],
+                "free_bytes": u["free"],
+                "reservations": by_gpu.get(g["key"], []),
+            }
+        )
+    now = time.time()
+    waiting = [{**p, "waiting_s": now - float(p["since"])} for p in pending(client)]
+    return {"gpus": gpus, "pending": waiting}
