@@ -1,6 +1,10 @@
-"""The one place Corral's errors become HTTP responses."""
+"""The one place Corral's errors become HTTP responses; and the check that keeps out of
+request bodies what a store could not hold, or could not give back."""
 
 from __future__ import annotations
+
+import json
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -43,6 +47,70 @@ async def _handle(_request: Request, exc: Exception) -> JSONResponse:
         body = {"detail": str(exc)}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+# How deep arrays and objects may nest in a request body. Far more than any real
+# metadata needs; far less than where encoding a stored value again would fail.
+MAX_JSON_DEPTH = 64
+
+# A JSON \u escape of a UTF-16 surrogate (half of a pair, or a lone one), and the code
+# points it can leave in a decoded str when it is not half of a pair.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+Loc = tuple[str | int, ...]
+
+
+def body_problem(data: object) -> tuple[Loc, str, str] | None:
+    """The first thing in a parsed JSON body that Corral cannot store and give back, as
+    (its field, what is wrong, a type): text with a lone UTF-16 surrogate, or arrays and
+    objects nested deeper than MAX_JSON_DEPTH. Iterative: any nesting JSON allowed."""
+    stack: list[tuple[Loc, object, int]] = [(("body",), data, 0)]
+    while stack:
+        loc, value, depth = stack.pop()
+        if isinstance(value, str):
+            match = _SURROGATE.search(value)
+            if match:
+                return (
+                    loc,
+                    f"text must be valid Unicode: {match.group()!r} at index {match.start()} "
+                    "is a lone UTF-16 surrogate, not a character (a character above U+FFFF is "
+                    "escaped as a pair, \\ud83d\\ude00)",
+                    "unicode",
+                )
+        elif isinstance(value, dict | list):
+            if depth == MAX_JSON_DEPTH:
+                return (
+                    loc[:2],
+                    f"arrays and objects may nest at most {MAX_JSON_DEPTH} levels deep; this "
+                    "value nests deeper",
+                    "depth",
+                )
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in reversed(list(items)):
+                stack.append(((*loc, key), item, depth + 1))
+                if isinstance(key, str):
+                    stack.append((loc, key, depth))
+    return None
+
+
+async def valid_body(request: Request) -> None:
+    """Refuse (422, naming the field and the limit) a JSON body that :func:`body_problem`
+    finds something in: stored, it could not be sent back, so every later read of it would
+    fail. A route dependency: FastAPI has already read the body (it is cached); it is
+    parsed again only when it holds a surrogate escape or more brackets than the depth
+    limit, the only bodies that can have a problem."""
+    body = await request.body()
+    brackets = body.count(b"{") + body.count(b"[")
+    if brackets <= MAX_JSON_DEPTH and not _SURROGATE_ESCAPE.search(body):
+        return
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return  # not JSON FastAPI would take: the route's own validation says so
+    problem = body_problem(data)
+    if problem is not None:
+        raise SpecError.single(*problem)
 
 
 def install(app: FastAPI) -> None:

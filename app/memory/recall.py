@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from app.core.errors import SpecError
+from app.core.errors import ConfigError, ConflictError, SpecError
 from app.memory.schemas import Conversation, Message, SearchHit
-from app.memory.service import Memory
+from app.memory.service import Memory, embed_model
 from app.memory.vectors import Vectors
+from models.catalog import CatalogEntry, load_catalog
 
 
 def hits_with_messages(
@@ -62,17 +63,44 @@ def search(
 
     limit = 50
     if k > limit:
-        raise SpecError.single(("k",), f"k must be ≤ {limit}, got {k}", "limit")
+        raise SpecError.single(("body", "k"), f"k must be ≤ {limit}, got {k}", "limit")
     if conversation_id is not None:
         conv = mem.conversations.get(tenant, conversation_id)
         if conv.user_id != user_id:
             raise SpecError.single(
-                ("conversation_id",),
+                ("body", "conversation_id"),
                 f"conversation {conversation_id!r} belongs to another user",
                 "user_mismatch",
             )
+    search_model(mem)
     vector = embed_queries(mem, [query])[0]
     return hits_with_messages(mem, tenant, user_id, vector, k, conversation_id=conversation_id)
+
+
+def search_model(mem: Memory) -> CatalogEntry:
+    """The model that embeds search queries; ConflictError (409) naming what is missing
+    and what to do when this server has none (semantic search is then unavailable)."""
+    name = mem.settings.memory_embed_model.strip()
+    try:
+        entry = embed_model(mem.settings)
+    except ConfigError as exc:
+        raise ConflictError(f"semantic search is unavailable: {exc}") from exc
+    if entry is not None:
+        return entry
+    if not name:
+        raise ConflictError(
+            "semantic search is unavailable: this server has no embedding model "
+            "(CORRAL_MEMORY_EMBED_MODEL is empty); set CORRAL_MEMORY_EMBED_MODEL to an embed "
+            "model of the catalog and run its worker (`corral worker --model NAME`)"
+        )
+    catalog = load_catalog(mem.settings.catalog_path)
+    embeds = [e.name for e in catalog.entries if e.kind == "embed"]
+    raise ConflictError(
+        "semantic search is unavailable: no embedding model's file is present "
+        f"(CORRAL_MEMORY_EMBED_MODEL=auto; the catalog's embed models: "
+        f"{', '.join(embeds) or 'none'}); pull one with `corral models pull NAME` and run "
+        "its worker (`corral worker --model NAME`)"
+    )
 
 
 def recent(mem: Memory, tenant: str, conv: Conversation, limit: int) -> list[Message]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -107,11 +108,14 @@ return 1
 """
 
 # KEYS: meta, moments, user moments. ARGV: cid, seq, '1' mark / '0' unmark, note.
+# Returns {1, n} when done, {-1, 0} without the conversation, {-2, n} when it has no
+# message ``seq`` (n: its messages so far, seqs 1 to n).
 _MARK = """
 redis.replicate_commands()
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 local n = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-if tonumber(ARGV[2]) > n then return -2 end
+local seq = tonumber(ARGV[2])
+if seq < 1 or seq > n then return {-2, n} end
 if ARGV[3] == '1' then
   local t = redis.call('TIME')
   redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
@@ -122,7 +126,7 @@ else
   redis.call('HDEL', KEYS[2], ARGV[2])
   redis.call('ZREM', KEYS[3], ARGV[1] .. ':' .. ARGV[2])
 end
-return 1
+return {1, n}
 """
 
 _META_FIELDS = (
@@ -474,14 +478,18 @@ class ConversationStore:
         """Mark a message as a key moment (a breakthrough worth recalling), or unmark it."""
         conv = self.get(tenant, cid)
         k = Keys(tenant)
-        done = int(
-            self._mark(
+        done, count = (
+            int(x)
+            for x in self._mark(
                 keys=[k.conv(cid), k.moments(cid), k.user_moments(conv.user_id)],
                 args=[cid, seq, "1" if on else "0", note or ""],
             )
         )
         if done == -2:
-            raise NotFoundError(f"conversation {cid!r} has no message {seq}")
+            raise NotFoundError(
+                f"conversation {cid!r} has no message {seq}: "
+                + (f"its messages are seq 1 to {count}" if count else "it has no messages yet")
+            )
         if done < 0:
             raise NotFoundError(f"no conversation {cid!r}")
 
@@ -525,6 +533,13 @@ def _encode_cursor(score: float, cid: str) -> str:
 def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         score, _, cid = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        return float(score), cid
+        top = float(score)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise SpecError.single(("query", "cursor"), "invalid cursor", "cursor") from exc
+        raise SpecError.single(
+            ("query", "cursor"), "invalid cursor: pass a page's next_cursor as it is", "cursor"
+        ) from exc
+    if not math.isfinite(top):  # only a page's last activity time (ms) is ever handed out
+        raise SpecError.single(
+            ("query", "cursor"), "invalid cursor: pass a page's next_cursor as it is", "cursor"
+        )
+    return top, cid

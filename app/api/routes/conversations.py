@@ -9,10 +9,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import ApiKeyDep, CatalogDep, FinishedDep, MemoryDep, SettingsDep
+from app.api.errors import valid_body
 from app.core.config import Settings
 from app.core.errors import NotFoundError, SpecError, UnknownModelError
 from app.memory import embedding, respond
@@ -35,7 +36,9 @@ from app.workflows import service
 from app.workflows.tokens import count_tokens
 from models.catalog import Catalog
 
-router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+router = APIRouter(
+    prefix="/v1/conversations", tags=["conversations"], dependencies=[Depends(valid_body)]
+)
 
 
 def _check_ttl(ttl_s: int | None, settings: Settings) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from app.api.deps import ApiKeyDep, MemoryDep
+from app.api.errors import valid_body
 from app.core.errors import SpecError
 from app.memory import embedding, recall, tools
 from app.memory.keys import check_block_name, check_user_id, tenant_of
@@ -18,7 +19,7 @@ from app.memory.schemas import Block, BlockEdit, BlockPut, Message, SearchHit, S
 from app.memory.schemas import ToolRequest as ToolBody
 from app.memory.vectors import Vectors
 
-router = APIRouter(prefix="/v1/memory", tags=["memory"])
+router = APIRouter(prefix="/v1/memory", tags=["memory"], dependencies=[Depends(valid_body)])
 
 
 @router.get("/{user_id}/blocks", response_model=list[Block])
