@@ -13,12 +13,18 @@ from typing import Annotated, Any
 import httpx
 import typer
 import yaml
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, ProgrammingError
 
 from app.cli import models_cmd
 from app.core.config import get_settings
-from app.core.errors import CorralError
+from app.core.errors import CorralError, PlacementError
 
 app = typer.Typer(
     help="Corral: local LLM workflows on per-model worker pools.", no_args_is_help=True
@@ -34,7 +40,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(one_line(message))}")
     return typer.Exit(code)
 
 
@@ -51,11 +57,7 @@ def up(
     """Run the whole platform on embedded defaults: Redis, SQLite, API, workers, beat, Flower."""
     from app.cli.up import run_platform
 
-    try:
-        code = run_platform(demo=demo, exit_after_demo=exit_after_demo, flower=flower)
-    except CorralError as exc:
-        raise _fail(str(exc)) from exc
-    raise typer.Exit(code)
+    raise typer.Exit(run_platform(demo=demo, exit_after_demo=exit_after_demo, flower=flower))
 
 
 @app.command()
@@ -73,10 +75,7 @@ def api(
     from app.api.main import create_app
 
     settings = get_settings()
-    try:
-        settings.broker_url  # noqa: B018  (fail early with what to do)
-    except CorralError as exc:
-        raise _fail(str(exc)) from exc
+    settings.broker_url  # noqa: B018  (fail early with what to do)
     processes = workers or settings.api_workers
     common: dict[str, Any] = {
         "host": host or settings.api_host,
@@ -108,14 +107,8 @@ def worker(
 ) -> None:
     """Run a worker pool for one model: consumes only queue ``model.<name>``."""
     from app.cli.worker import run_worker
-    from app.core.errors import PlacementError
 
-    try:
-        run_worker(model, gpu=gpu, concurrency=concurrency, n_ctx=ctx, wait=wait)
-    except PlacementError as exc:
-        raise _fail(str(exc), 2 if exc.permanent else 3) from exc
-    except CorralError as exc:
-        raise _fail(str(exc)) from exc
+    run_worker(model, gpu=gpu, concurrency=concurrency, n_ctx=ctx, wait=wait)
 
 
 @app.command()
@@ -278,8 +271,7 @@ def gpus() -> None:
 @keys_app.command("create")
 def keys_create(name: Annotated[str, typer.Argument(help="A name for the key.")]) -> None:
     """Create an API key and print it (it is shown only once)."""
-    from app.store import db
-    from app.store import keys
+    from app.store import db, keys
 
     with db.session_scope(write=True) as session:
         _row, key = keys.create_key(session, name)
@@ -313,8 +305,7 @@ def keys_revoke(
     key: Annotated[str, typer.Argument(help="The key's prefix (crl_PREFIX_…) or its id.")],
 ) -> None:
     """Revoke an API key. API processes stop accepting it within CORRAL_API_KEY_CACHE_S."""
-    from app.store import db
-    from app.store import keys
+    from app.store import db, keys
 
     prefix = key.split("_")[1] if key.startswith(keys.KEY_PREFIX) and key.count("_") >= 2 else key
     try:
@@ -337,16 +328,145 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     console.print(f"database at {get_settings().sqlalchemy_url.split('@')[-1]} is at {revision}")
 
 
+# --- errors a person can read ---------------------------------------------------------
+#
+# A command that meets a configuration or service problem says what is wrong and what to
+# do in one line on stderr and exits 2 (3: a pool waiting for GPU room gave up), never
+# with a traceback. Lower-level exceptions become that line here, at the one boundary
+# every command passes; anything else is a bug, and its traceback is worth seeing.
+
+EXIT_CONFIG = 2
+EXIT_NO_ROOM = 3
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines, tabs) as one space."""
+    return " ".join(text.split())
+
+
+def _redacted(url: str) -> str:
+    """A service URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "(unparsable)"
+
+
+def _setting(getter: str) -> str:
+    """A settings property (``sqlalchemy_url``, ``redis_url``) for a message; never raises."""
+    try:
+        return _redacted(str(getattr(get_settings(), getter) or "(unset)"))
+    except Exception:  # the settings themselves are what is wrong: say nothing more
+        return "(unreadable)"
+
+
+def _invalid_settings(exc: ValidationError) -> str:
+    problems = []
+    for e in exc.errors(include_url=False):
+        loc = e["loc"]
+        var = f"CORRAL_{str(loc[0]).upper()}" if loc else "CORRAL_*"
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+        problems.append(f"{var}{where}={e['input']!r}: {e['msg']}")
+    return f"invalid setting {'; '.join(problems)}; fix or unset it"
+
+
+def describe_error(exc: BaseException) -> tuple[str, int] | None:
+    """What to print (one line) and the exit code for a problem of configuration or of a
+    service; None for anything else. A CorralError that wraps a database or Redis error
+    (``raise ... from``) is described by its cause, which knows what to do about it."""
+    if isinstance(exc, PlacementError):
+        return str(exc), EXIT_CONFIG if exc.permanent else EXIT_NO_ROOM
+    if isinstance(exc, CorralError):
+        cause = exc.__cause__
+        known = cause is not None and not isinstance(cause, CorralError)
+        return (_service_error(cause) if known else None) or str(exc), EXIT_CONFIG
+    if isinstance(exc, ValidationError) and exc.title == "Settings":
+        return _invalid_settings(exc), EXIT_CONFIG
+    if isinstance(exc, SettingsError):
+        return (
+            f"invalid setting: {exc} (a list or object setting is JSON, e.g. "
+            "CORRAL_TENSOR_SPLIT=[1, 1]); fix or unset it",
+            EXIT_CONFIG,
+        )
+    message = _service_error(exc)
+    if message is not None:
+        return message, EXIT_CONFIG
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"the API answered HTTP {exc.response.status_code}: {_detail(exc.response)}", 1
+    if isinstance(exc, httpx.InvalidURL):
+        return f"the API URL (--api-url / CORRAL_API_URL) is not valid: {exc}", EXIT_CONFIG
+    if isinstance(exc, httpx.TransportError):
+        return (
+            f"cannot reach the API at {exc.request.url.copy_with(query=None)}: {exc}; start "
+            "it (`corral api`) or set --api-url / CORRAL_API_URL",
+            EXIT_CONFIG,
+        )
+    return None
+
+
+def _service_error(exc: BaseException | None) -> str | None:
+    """The database's or Redis' error said with what to do; None for other errors."""
+    if isinstance(exc, (OperationalError, ProgrammingError)) and (
+        "no such table" in str(exc.orig) or type(exc.orig).__name__ == "UndefinedTable"
+    ):
+        return (
+            f"the database {_setting('sqlalchemy_url')} has no Corral tables yet: "
+            "run `corral db upgrade`"
+        )
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return (
+            f"the database {_setting('sqlalchemy_url')} is unavailable: {exc.orig}; check "
+            "CORRAL_DATABASE_URL and that the database server is running"
+        )
+    if isinstance(exc, ArgumentError):
+        return (
+            f"CORRAL_DATABASE_URL is not a usable database URL: {exc}; e.g. "
+            "postgresql://user@host:5432/corral or sqlite:////path/to/corral.db"
+        )
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        return (
+            f"Redis at {_setting('redis_url')} is unavailable: {exc}; start it, or point "
+            "CORRAL_REDIS_URL at a running Redis (`corral up` starts an embedded one)"
+        )
+    if isinstance(exc, ValueError) and "Redis URL must specify" in str(exc):
+        return f"CORRAL_REDIS_URL={_setting('redis_url')!r} is not a Redis URL: {exc}"
+    return None
+
+
+def _log_level() -> str:
+    """CORRAL_LOG_LEVEL for logging when it names a level, else INFO (reading the settings
+    reports a bad value the usual way)."""
+    level = os.environ.get("CORRAL_LOG_LEVEL", "INFO").strip().upper()
+    return level if isinstance(logging.getLevelName(level), int) else "INFO"
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: runs the command; a problem of configuration or of a
+    service (:func:`describe_error`) ends it with one line on stderr, not a traceback."""
     logging.basicConfig(
-        level=os.environ.get("CORRAL_LOG_LEVEL", "INFO"),
+        level=_log_level(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     for noisy in ("httpx", "alembic", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    app()
+    try:
+        app()
+    except Exception as exc:
+        described = describe_error(exc)
+        if described is None:
+            raise
+        message, code = described
+        err.print(f"[red]error:[/red] {escape(one_line(message))}", highlight=False)
+        raise SystemExit(code) from exc
 
 
 if __name__ == "__main__":

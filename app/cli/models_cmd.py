@@ -1,4 +1,8 @@
-"""`corral models`: list the catalog, pull a model, make the tiny test models."""
+"""`corral models`: list the catalog, pull a model, make the tiny test models.
+
+Errors (an unknown model, a missing or corrupt file, a failed download) propagate to the
+CLI's entry point, :func:`app.cli.main.main`, which prints them as one line and exits 2.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 from app.core.config import get_settings
-from app.core.errors import CorralError
 from models.catalog import load_catalog
 
 app = typer.Typer(help="The model catalog and model files.", no_args_is_help=True)
@@ -37,11 +40,7 @@ def pull(name: Annotated[str, typer.Argument(help="Catalog name.")]) -> None:
     from models.pull import pull as do_pull
 
     settings = get_settings()
-    try:
-        path = do_pull(load_catalog(settings.catalog_path).get(name), settings.models_path)
-    except CorralError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    path = do_pull(load_catalog(settings.catalog_path).get(name), settings.models_path)
     console.print(f"{name}: {path}")
 
 
@@ -74,15 +73,11 @@ def estimate(
 
     settings = get_settings()
     catalog = load_catalog(settings.catalog_path)
-    try:
-        entry = catalog.get(name)
-        est = estimate_for(
-            settings, catalog.path_for(entry, settings.models_path), ctx or entry.n_ctx, parallel
-        )
-        sizes = [parse_bytes(g) for g in gpus.split(",")] if gpus else []
-    except CorralError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    entry = catalog.get(name)
+    est = estimate_for(
+        settings, catalog.path_for(entry, settings.models_path), ctx or entry.n_ctx, parallel
+    )
+    sizes = [parse_bytes(g) for g in gpus.split(",")] if gpus else []
     if len(sizes) > 1:
         split = plan_split(est, sizes)
         if split is None:
