@@ -146,7 +146,7 @@ def isolated(
 ) -> Iterator[Settings]:
     """The session's database with a Redis database of its own: no worker consumes the
     messages these tests send, and no live pool is registered there."""
-    monkeypatch.setattr(live, "VIEW_MAX_AGE_S", 3600.0)
+    live._live_cache.clear()  # no live-pool view read from another Redis database
     url = with_database(redis_base_url, "12")
     client = redis.Redis.from_url(url)
     client.flushdb()

@@ -132,7 +132,9 @@ class RespondOptions(SamplingParams):
 
     model: str | None = Field(default=None, description="default: the conversation's model")
     wait: bool = Field(default=True, description="wait for the reply (else: the workflow id)")
-    timeout_s: float | None = Field(default=None, gt=0, description="how long to wait")
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=600, description="how long to wait for the reply (at most 600 s)"
+    )
     memory: MemoryOptions = Field(default_factory=MemoryOptions)
     tools: list[ToolName] = Field(default_factory=list)
     tool_choice: ToolChoice = "auto"

@@ -49,8 +49,13 @@ def publish_finished(workflow_id: str) -> None:
 
 
 def request_cancel(workflow_id: str) -> None:
-    """Tell the running steps of a workflow to stop (their workers poll this flag)."""
-    get_redis().set(CANCEL_KEY.format(workflow_id=workflow_id), 1, ex=CANCEL_TTL_S)
+    """Tell the running steps of a workflow to stop (their workers poll this flag). Never
+    raises: the cancel is committed already, and a running step's result is refused
+    whether or not its worker heard of it."""
+    try:
+        get_redis().set(CANCEL_KEY.format(workflow_id=workflow_id), 1, ex=CANCEL_TTL_S)
+    except (RedisError, OSError) as exc:
+        log.warning("could not flag workflow %s cancelled: %s", workflow_id, exc)
 
 
 def is_cancelled(workflow_id: str) -> bool:

@@ -165,6 +165,16 @@ def test_malformed_json(platform: Platform) -> None:
     assert resp.json()["detail"][0]["loc"] == ["body"]
 
 
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_json_nested_past_the_limit_is_a_422(platform: Platform, depth: int) -> None:
+    body = b"[" * depth + b"]" * depth
+    resp = platform.client.post(
+        "/v1/workflows", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 422
+    assert resp.json()["detail"][0]["loc"][0] == "body"
+
+
 def test_every_v1_route_needs_a_key(platform: Platform) -> None:
     spec = {"name": "x", "steps": [step()]}
     before = _count(platform)

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from app.core.config import Settings, use_settings
-from app.core.embedded import EmbeddedRedis, free_port
+from app.core.embedded import EmbeddedRedis
 from app.scheduler import live
 from app.store import db
 from app.store.tables import StepRun, StepStatus
@@ -243,7 +243,7 @@ def test_a_broker_that_is_down_leaves_the_steps_to_the_reconciler(
 def test_a_broker_that_never_answers_costs_a_send_a_warning(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    closed = f"redis://127.0.0.1:{free_port()}/0"
+    closed = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     with use_settings(settings.model_copy(update={"redis_url": closed})) as s:
         (d,) = committed(s)
         with caplog.at_level(logging.WARNING, logger="app.workflows.dispatch"):

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from app.core.config import Settings, use_settings
-from app.core.embedded import EmbeddedRedis, free_port
+from app.core.embedded import EmbeddedRedis
 from app.store.tables import StepStatus, WorkflowStatus
 from app.workflows import engine, events, service
 from app.workflows.events import CANCEL_KEY, CANCEL_TTL_S, CHANNEL, FinishedListener
@@ -236,7 +236,7 @@ def test_a_resubscription_wakes_every_waiter(settings: Settings, tmp_path: Path)
 def test_a_notice_with_redis_down_is_only_a_warning(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    closed = f"redis://127.0.0.1:{free_port()}/0"
+    closed = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     with (
         use_settings(settings.model_copy(update={"redis_url": closed})),
         caplog.at_level(logging.WARNING, logger="app.workflows.events"),
@@ -252,7 +252,7 @@ def test_a_workflow_ends_with_redis_down_all_the_same(
     wid = submit(settings)
     sid = step_ids(wid)["a"]
     assert service.claim_step(sid, 1) is not None
-    closed = f"redis://127.0.0.1:{free_port()}/0"
+    closed = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     with (
         use_settings(settings.model_copy(update={"redis_url": closed})),
         caplog.at_level(logging.WARNING, logger="app.workflows.events"),
@@ -273,3 +273,17 @@ def test_cancel_flags(isolated: Settings) -> None:
         assert 0 < ttl <= CANCEL_TTL_S  # a flag outlives its workflow's steps, not forever
     finally:
         client.close()
+
+
+def test_a_cancel_with_redis_down_is_committed_and_answered(settings: Settings) -> None:
+    raw = {
+        "name": "r",
+        "steps": [{"id": "a", "kind": "generate", "model": "tiny-chat", "input": {"prompt": "hi"}}],
+    }
+    validated = validate_workflow(raw, load_catalog(settings.catalog_path), settings)
+    wid = service.submit_validated(validated, api_key_id=None).id
+    down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with use_settings(down):
+        summary = service.cancel(wid, None)
+    assert summary.status is WorkflowStatus.cancelled
+    assert service.read(wid, None).status is WorkflowStatus.cancelled

@@ -8,8 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from app.workflows import tokens
 from app.core.config import Settings, use_settings
+from app.workflows import tokens
 from models.catalog import load_catalog
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ from collections import Counter
 
 from fastapi import APIRouter
 
-from app.scheduler import live
 from app.api.deps import ApiKeyDep, CatalogDep, SettingsDep
+from app.scheduler import live
 from app.workflows.schemas import ModelPublic
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import ApiKeyDep, CatalogDep, FinishedDep, SettingsDep
+from app.api.errors import body_problem
 from app.core.errors import SpecError
 from app.store.tables import WorkflowStatus
 from app.workflows import events, service
@@ -54,9 +55,13 @@ async def _read_body(request: Request, limit: int) -> Any:
             raise too_big
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = json.loads(b"".join(chunks) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise SpecError.single(("body",), f"body is not valid JSON: {exc}", "json_invalid") from exc
+    problem = body_problem(raw)
+    if problem is not None:
+        raise SpecError.single(*problem)
+    return raw
 
 
 @router.post(
