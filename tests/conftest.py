@@ -9,18 +9,17 @@ redis-server and the database is SQLite only.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from sqlalchemy import Engine
 
-from app.store import db
-from app.scheduler import live
 from app.core.config import Settings, use_settings
 from app.core.embedded import EmbeddedRedis
+from app.scheduler import live
+from app.store import db
 from app.store.migrate import upgrade
 from models.tiny import make_tiny
 from tests.utils.databases import (

@@ -11,10 +11,9 @@ import pytest
 import yaml
 from sqlalchemy import inspect
 
-from app.store import db
-from app.store import keys
 from app.core.embedded import free_port
 from app.core.errors import AuthError
+from app.store import db, keys
 from tests.utils.platform import Platform
 
 

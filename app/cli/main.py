@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 import yaml
+from kombu.utils.imports import symbol_by_name
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,6 +26,7 @@ from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, Prog
 from app.cli import models_cmd
 from app.core.config import get_settings
 from app.core.errors import CorralError, PlacementError
+from app.workflows.names import SYSTEM_QUEUE, WORKER_APP, WORKER_LAUNCH
 
 app = typer.Typer(
     help="Corral: local LLM workflows on per-model worker pools.", no_args_is_help=True
@@ -37,6 +39,12 @@ app.add_typer(models_cmd.app, name="models")
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _worker_side(name: str) -> Any:
+    """An object of the workers package, loaded by name (``module:attribute``) when a
+    command starts worker-side processes."""
+    return symbol_by_name(name)  # type: ignore[no-untyped-call]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -106,16 +114,14 @@ def worker(
     ] = True,
 ) -> None:
     """Run a worker pool for one model: consumes only queue ``model.<name>``."""
-    from app.cli.worker import run_worker
-
+    run_worker = _worker_side(WORKER_LAUNCH)
     run_worker(model, gpu=gpu, concurrency=concurrency, n_ctx=ctx, wait=wait)
 
 
 @app.command()
 def beat() -> None:
     """Run Celery beat (periodic jobs) with a worker for the ``corral.system`` queue."""
-    from workers.celery_app import SYSTEM_QUEUE, celery_app
-
+    celery_app = _worker_side(WORKER_APP)
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     celery_app.worker_main(
@@ -150,8 +156,7 @@ def flower_cmd(
     """Run Flower, Celery's monitor, behind basic auth."""
     if not basic_auth or ":" not in basic_auth:
         raise _fail("Flower needs --basic-auth USER:PASSWORD (or CORRAL_FLOWER_BASIC_AUTH)")
-    from workers.celery_app import celery_app
-
+    celery_app = _worker_side(WORKER_APP)
     celery_app.start(
         [
             "flower",

@@ -11,6 +11,11 @@ from __future__ import annotations
 SYSTEM_QUEUE = "corral.system"
 MODEL_QUEUE_PREFIX = "model."
 
+# The worker side, loaded by name as ``celery -A`` loads an app: the CLI starts worker
+# processes, but the app package does not import the workers package.
+WORKER_APP = "workers.celery_app:celery_app"
+WORKER_LAUNCH = "workers.launch:run_worker"
+
 STEP_TASK = "corral.step.run"
 RECONCILE_TASK = "corral.reconcile"
 MEMORY_SWEEP_TASK = "corral.memory.sweep"

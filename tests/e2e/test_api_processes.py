@@ -13,10 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.store import db
-from app.store import keys
 from app.core.config import Settings, settings_env
 from app.core.embedded import free_port
+from app.store import db, keys
 from tests.utils.platform import spawn, start_platform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from app.store import db
 from app.core.config import Settings, use_settings
 from app.core.embedded import EmbeddedRedis
+from app.store import db
 from app.store.migrate import upgrade
 from tests.utils.databases import PrivatePostgres
 from tests.utils.platform import start_platform

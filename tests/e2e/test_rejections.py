@@ -191,8 +191,7 @@ def test_every_v1_route_needs_a_key(platform: Platform) -> None:
 
 
 def test_a_revoked_key_is_refused_within_the_key_cache_time(platform: Platform) -> None:
-    from app.store import db
-    from app.store import keys
+    from app.store import db, keys
 
     with db.session_scope(write=True) as session:
         row, key = keys.create_key(session, "short-lived")
@@ -211,8 +210,7 @@ def test_a_revoked_key_is_refused_within_the_key_cache_time(platform: Platform) 
 
 
 def test_workflows_of_another_key_are_invisible(platform: Platform) -> None:
-    from app.store import db
-    from app.store import keys
+    from app.store import db, keys
 
     wid = platform.submit({"name": "mine", "steps": [step()]}).json()["id"]
     with db.session_scope(write=True) as session:

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from app.workflows.engine import StepWork
 
 from app.core.config import Settings, use_settings
 from app.core.errors import StepInputError
@@ -18,6 +17,7 @@ from app.memory.schemas import SearchHit
 from app.memory.service import Memory, get_memory
 from app.memory.store import NewMessage
 from app.store.tables import utcnow
+from app.workflows.engine import StepWork
 from app.workflows.spec import ChatInput
 from models.tiny import _WORDS
 from workers.memory import memory_chat

@@ -20,10 +20,9 @@ import httpx
 import pytest
 import yaml
 
-from app.store import db
-from app.store import keys
 from app.core.config import Settings, settings_env
 from app.core.embedded import EmbeddedRedis, free_port
+from app.store import db, keys
 from models.catalog import load_catalog
 from tests.utils.platform import spawn
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from app.store import db
 from app.core.config import Settings, use_settings
 from app.core.errors import ServiceUnavailable
+from app.store import db
 from app.store.migrate import upgrade
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from app.store.db import _WriterGate
 from app.core.errors import ServiceUnavailable
+from app.store.db import _WriterGate
 
 
 class OtherWriter:

@@ -7,9 +7,8 @@ from contextlib import asynccontextmanager
 
 import httpx
 
-from app.store import db
-from app.store import keys
 from app.api.main import create_app
+from app.store import db, keys
 
 
 @asynccontextmanager

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from app.store import db
 from app.core.embedded import free_port
+from app.store import db
 
 PG_URL = os.environ.get("CORRAL_TEST_DATABASE_URL")
 BACKENDS = ["sqlite", *(["postgresql"] if PG_URL else [])]

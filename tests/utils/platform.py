@@ -13,10 +13,9 @@ from typing import Any
 
 import httpx
 
-from app.store import db
-from app.store import keys
 from app.core.config import Settings, settings_env
 from app.core.embedded import free_port
+from app.store import db, keys
 
 # Steps with these ids fail their first N attempts inside the worker (chaos testing).
 FAULTS = "flaky:1,doomed:99"

@@ -8,10 +8,10 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from app.cli import worker
 from app.core.config import HeldReservation, Settings, settings_env
 from app.scheduler.ledger import Reservation
 from app.scheduler.placement import Placement
+from workers import launch as worker
 from workers.process import placement_from_settings
 from workers.runtime import Placement as RuntimePlacement
 

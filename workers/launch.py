@@ -53,7 +53,7 @@ def run_worker(
             f"{exc}; start it, or point CORRAL_REDIS_URL at a running Redis"
         ) from exc
     from workers import control
-    from workers.celery_app import celery_app
+    from workers.celery_app import celery_app  # reads the settings: after the checks
 
     hostname = socket.gethostname()
     nodename = f"{entry.name}.{os.getpid()}@{hostname}"
