@@ -246,9 +246,10 @@ def test_a_notice_with_redis_down_is_only_a_warning(
 
 
 def test_a_workflow_ends_with_redis_down_all_the_same(
-    settings: Settings, caplog: pytest.LogCaptureFixture
+    isolated: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The end is committed; the notice that fails after it is only a warning."""
+    settings = isolated  # no worker consumes its queue: the test plays the worker
     wid = submit(settings)
     sid = step_ids(wid)["a"]
     assert service.claim_step(sid, 1) is not None
@@ -275,7 +276,8 @@ def test_cancel_flags(isolated: Settings) -> None:
         client.close()
 
 
-def test_a_cancel_with_redis_down_is_committed_and_answered(settings: Settings) -> None:
+def test_a_cancel_with_redis_down_is_committed_and_answered(isolated: Settings) -> None:
+    settings = isolated
     raw = {
         "name": "r",
         "steps": [{"id": "a", "kind": "generate", "model": "tiny-chat", "input": {"prompt": "hi"}}],
