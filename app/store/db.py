@@ -32,6 +32,8 @@ from app.core.config import get_settings
 from app.core.errors import ServiceUnavailable
 
 _engines: dict[tuple[str, int, bool], Engine] = {}
+# A SQLite connection's execution option: the engine's begin hook issues no BEGIN.
+_AUTOCOMMIT_SQLITE = "corral_autocommit"
 _lock = threading.Lock()
 
 
@@ -55,7 +57,12 @@ def make_engine(url: str, *, write: bool = False) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         begin = "BEGIN IMMEDIATE" if write else "BEGIN"
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
+
+        def _begin(conn: Connection) -> None:
+            if not conn.get_execution_options().get(_AUTOCOMMIT_SQLITE):
+                conn.exec_driver_sql(begin)
+
+        event.listen(engine, "begin", _begin)
         return engine
     return create_engine(
         url,
@@ -114,6 +121,25 @@ def connection_scope(*, write: bool = False) -> Iterator[Connection]:
         try:
             with engine.begin() as conn:
                 yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise ServiceUnavailable(f"the database is unavailable: {exc.orig}") from exc
+
+
+@contextmanager
+def autocommit_scope(*, write: bool = False) -> Iterator[Connection]:
+    """A connection whose statements each commit on their own (no ``BEGIN``, no
+    ``COMMIT``: on PostgreSQL two round trips fewer than a transaction). For work that is
+    one statement, or reads of rows that no longer change; ``write=True`` when a
+    statement writes (on SQLite it then waits its turn for the write lock)."""
+    engine = get_engine(write=write)
+    gate = _writer_gate(engine) if write else None
+    with gate.hold() if gate else nullcontext():
+        try:
+            with engine.connect() as conn:
+                if engine.dialect.name == "sqlite":  # pysqlite opens no transaction itself
+                    yield conn.execution_options(**{_AUTOCOMMIT_SQLITE: True})
+                else:
+                    yield conn.execution_options(isolation_level="AUTOCOMMIT")
         except (OperationalError, InterfaceError) as exc:
             raise ServiceUnavailable(f"the database is unavailable: {exc.orig}") from exc
 

@@ -1,11 +1,14 @@
 """Workflow transactions: create a run, claim a step, store a result, cancel.
 
-Each state change is one transaction that locks the workflow's row (``SELECT … FOR
-UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` holds the database's write lock),
-reads its steps, asks :mod:`app.workflows.rules` what follows and writes the answer. So
-writers of one workflow take turns, and "send each ready step once" holds when two
-parents finish at the same moment. What to send comes back in an :class:`Outcome`; the
-caller sends it after the commit (:mod:`app.workflows.service`).
+Each state change but a claim is one transaction that locks the workflow's row (``SELECT
+… FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` holds the database's write
+lock), reads its steps, asks :mod:`app.workflows.rules` what follows and writes the
+answer. So writers of one workflow take turns, and "send each ready step once" holds when
+two parents finish at the same moment. A claim is one conditional ``UPDATE`` of its own
+step (rules.claim's condition; on PostgreSQL it share-locks the workflow's row, so it
+takes turns with those transactions but not with other claims). What to send comes back
+in an :class:`Outcome`; the caller sends it after the commit (:mod:`app.workflows.service`).
+The statements are :mod:`app.store.queries`'.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ from typing import Any
 
 from cachetools import LRUCache
 from jinja2 import TemplateError
-from sqlalchemy import and_, or_
-from sqlalchemy.orm import defer
-from sqlmodel import Session, select
+from sqlalchemy import Connection, Row
 
 from app.core.errors import ConflictError, NotFoundError
-from app.store import db
-from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus, new_id, utcnow
+from app.store import db, queries
+from app.store.tables import StepStatus, WorkflowStatus, new_id, utcnow
 from app.workflows import rules
 from app.workflows.rules import StepDef
 from app.workflows.spec import ValidatedWorkflow
@@ -76,34 +77,42 @@ class StepGone(NotFoundError):
     """The step run a task names does not exist."""
 
 
-# Parsed step specs by workflow id: a spec never changes after submit.
-_defs: LRUCache[str, dict[str, StepDef]] = LRUCache(maxsize=1024)
-_specs: LRUCache[str, dict[str, dict[str, Any]]] = LRUCache(maxsize=1024)
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """What the engine keeps of a workflow's spec: it never changes after submit."""
+
+    name: str
+    defs: dict[str, StepDef]
+    steps: dict[str, dict[str, Any]]  # each step's spec (JSON form), by id
+    reads_outputs: bool  # a condition may read step outputs
+
+    @classmethod
+    def of(cls, name: str, spec: Mapping[str, Any]) -> _Spec:
+        steps = {s["id"]: s for s in spec["steps"]}
+        defs = {sid: StepDef.of(s) for sid, s in steps.items()}
+        return cls(name, defs, steps, any(d.when for d in defs.values()))
+
+
+# Specs by workflow id, so a process reads each workflow's spec at most once.
+_specs: LRUCache[str, _Spec] = LRUCache(maxsize=1024)
 _cache_lock = threading.Lock()
 
 
-def _remember(workflow_id: str, spec: Mapping[str, Any]) -> None:
-    steps = {s["id"]: s for s in spec["steps"]}
+def _spec_of(conn: Connection, workflow_id: str) -> _Spec:
+    """A workflow's spec: cached, else read once."""
     with _cache_lock:
-        _specs[workflow_id] = steps
-        _defs[workflow_id] = {sid: StepDef.of(s) for sid, s in steps.items()}
-
-
-def _spec_of(session: Session, workflow_id: str) -> tuple[dict[str, StepDef], dict[str, Any]]:
-    """A workflow's step rules and step specs: cached, else read once."""
-    with _cache_lock:
-        defs, specs = _defs.get(workflow_id), _specs.get(workflow_id)
-    if defs is None or specs is None:
-        raw = session.exec(select(WorkflowRun.spec).where(WorkflowRun.id == workflow_id)).one()
-        _remember(workflow_id, raw)
-        return _spec_of(session, workflow_id)
-    return defs, specs
+        spec = _specs.get(workflow_id)
+    if spec is None:
+        name, raw = conn.execute(queries.READ_SPEC, {"wid": workflow_id}).one()
+        spec = _Spec.of(name, raw)
+        with _cache_lock:
+            _specs[workflow_id] = spec
+    return spec
 
 
 def forget_specs() -> None:
     """Drop every cached spec (a fresh process's state; tests)."""
     with _cache_lock:
-        _defs.clear()
         _specs.clear()
 
 
@@ -112,77 +121,100 @@ def forget_specs() -> None:
 
 @dataclass
 class _Locked:
-    session: Session
-    workflow: WorkflowRun
-    steps: dict[str, StepRun]  # by spec id, in spec order
-    defs: dict[str, StepDef]
+    """A workflow inside a transaction that holds its lock: its state as the rules see it,
+    and what the writes need (step run ids and models by spec id)."""
 
-    def state(self) -> rules.Run:
-        steps = {
-            sid: rules.StepState(s.status, s.attempts, s.output, s.error)
-            for sid, s in self.steps.items()
-        }
-        w = self.workflow
-        return rules.Run(w.id, w.name, w.status, steps, w.error)
+    conn: Connection
+    run: rules.Run
+    api_key_id: int | None
+    ids: dict[str, str]
+    models: dict[str, str]
+    spec: _Spec
 
     def apply(self, nxt: rules.Next, step_id: str | None = None) -> Outcome:
-        """Write a transition's changes to the rows (committed when the block ends)."""
+        """Write a transition's changes (committed when the transaction ends)."""
         now = utcnow()
         if "" in nxt.changed:
-            self.workflow.status = nxt.run.status
-            self.workflow.error = nxt.run.error
-            self.workflow.finished_at = now
-            self.workflow.updated_at = now
-        for changed in nxt.changed - {""}:
-            _write_step(self.steps[changed], nxt.run.steps[changed], now)
-        dispatches = tuple(
-            Dispatch(self.steps[s.step_id].id, self.steps[s.step_id].model, s.attempt, s.delay_s)
-            for s in nxt.sends
+            self.conn.execute(
+                queries.UPDATE_WORKFLOW,
+                {
+                    "wid": self.run.id,
+                    "status": nxt.run.status,
+                    "error": nxt.run.error,
+                    "finished_at": now,
+                    "updated_at": now,
+                },
+            )
+        queries.write_steps(
+            self.conn,
+            (
+                _step_change(self.ids[sid], self.run.steps[sid], nxt.run.steps[sid], now)
+                for sid in nxt.changed - {""}
+            ),
         )
-        status = nxt.run.steps[step_id].status if step_id else None
-        return Outcome(self.workflow.id, nxt.run.status, nxt.finished, dispatches, status)
+        return _outcome(nxt, self.ids, self.models, step_id)
 
 
-def _write_step(row: StepRun, state: rules.StepState, now: datetime) -> None:
-    if state.status is not row.status:
-        if state.status in rules.SENDABLE:
-            row.queued_at, row.dispatched_at = now, None
-        elif state.status is StepStatus.running:
-            row.started_at = now
-        elif state.status.terminal:
-            row.finished_at = now
-    row.status, row.attempts, row.error = state.status, state.attempts, state.error
-    if state.output is not row.output:
-        row.output = state.output
-    row.updated_at = now
+def _step_change(
+    step_run_id: str, old: rules.StepState, new: rules.StepState, now: datetime
+) -> dict[str, Any]:
+    """The columns a step's row changes from ``old`` to ``new`` (its timestamps too)."""
+    values: dict[str, Any] = {
+        "sid": step_run_id,
+        "status": new.status,
+        "attempts": new.attempts,
+        "error": new.error,
+        "updated_at": now,
+    }
+    if new.status is not old.status:
+        if new.status in rules.SENDABLE:
+            values["queued_at"], values["dispatched_at"] = now, None
+        elif new.status is StepStatus.running:
+            values["started_at"] = now
+        elif new.status.terminal:
+            values["finished_at"] = now
+    if new.output is not old.output:
+        values["output"] = new.output
+    return values
+
+
+def _outcome(
+    nxt: rules.Next, ids: Mapping[str, str], models: Mapping[str, str], step_id: str | None
+) -> Outcome:
+    dispatches = tuple(
+        Dispatch(ids[s.step_id], models[s.step_id], s.attempt, s.delay_s) for s in nxt.sends
+    )
+    status = nxt.run.steps[step_id].status if step_id else None
+    return Outcome(nxt.run.id, nxt.run.status, nxt.finished, dispatches, status)
 
 
 @contextmanager
 def _locked(*, workflow_id: str | None = None, step_run_id: str | None = None) -> Iterator[_Locked]:
     """A write transaction on one workflow (by its id, or through one of its steps) that
     holds the workflow's lock and has read its steps."""
-    query = (
-        select(WorkflowRun)
-        .options(defer(WorkflowRun.spec))  # type: ignore[arg-type]
-        .with_for_update(of=WorkflowRun)
-    )
-    if step_run_id is not None:
-        query = query.join(StepRun, StepRun.workflow_id == WorkflowRun.id).where(  # type: ignore[arg-type]
-            StepRun.id == step_run_id
-        )
-    else:
-        query = query.where(WorkflowRun.id == workflow_id)
-    with db.session_scope(write=True) as session:
-        workflow = session.exec(query).first()
-        if workflow is None:
-            if step_run_id is not None:
+    with db.connection_scope(write=True) as conn:
+        if step_run_id is not None:
+            found = conn.execute(queries.LOCK_WORKFLOW_OF_STEP, {"sid": step_run_id}).first()
+            if found is None:
                 raise StepGone(f"no step run {step_run_id!r}")
-            raise NotFoundError(f"no workflow {workflow_id!r}")
-        rows = session.exec(
-            select(StepRun).where(StepRun.workflow_id == workflow.id).order_by(StepRun.position)  # type: ignore[arg-type]
-        ).all()
-        defs, _ = _spec_of(session, workflow.id)
-        yield _Locked(session, workflow, {r.step_id: r for r in rows}, defs)
+        else:
+            found = conn.execute(queries.LOCK_WORKFLOW, {"wid": workflow_id}).first()
+            if found is None:
+                raise NotFoundError(f"no workflow {workflow_id!r}")
+        spec = _spec_of(conn, found.id)
+        with_outputs = spec.reads_outputs
+        query = queries.STEP_STATES_WITH_OUTPUTS if with_outputs else queries.STEP_STATES
+        rows = conn.execute(query, {"wid": found.id}).all()
+        steps = {
+            r.step_id: rules.StepState(
+                r.status, r.attempts, r.output if with_outputs else None, r.error
+            )
+            for r in rows
+        }
+        run = rules.Run(found.id, found.name, found.status, steps, found.error)
+        ids = {r.step_id: r.id for r in rows}
+        models = {r.step_id: r.model for r in rows}
+        yield _Locked(conn, run, found.api_key_id, ids, models, spec)
 
 
 # ---- transactions -------------------------------------------------------------------------
@@ -196,76 +228,101 @@ def create(
     request_hash: str | None = None,
 ) -> Outcome:
     """Write a new run and its steps in one commit, its first steps already decided."""
-    spec = validated.spec
-    raw = validated.dump()
-    now = utcnow()
-    workflow = WorkflowRun(
-        id=new_id(),
-        name=spec.name,
-        spec=raw,
-        api_key_id=api_key_id,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        created_at=now,
-        updated_at=now,
-    )
-    steps = {
-        s.id: StepRun(
-            workflow_id=workflow.id,
-            step_id=s.id,
-            position=i,
-            kind=s.kind,
-            model=s.model,
-            depends_on=list(s.depends_on),
-            max_attempts=s.retry.max_attempts,
-            updated_at=now,
-        )
-        for i, s in enumerate(spec.steps)
-    }
-    _remember(workflow.id, raw)
+    spec, raw = validated.spec, validated.dump()
+    workflow_id, now = new_id(), utcnow()
+    cached = _Spec.of(spec.name, raw)
     with _cache_lock:
-        defs = _defs[workflow.id]
-    with db.session_scope(write=True) as session:
-        locked = _Locked(session, workflow, steps, defs)
-        outcome = locked.apply(rules.start(defs, locked.state()))
-        session.add(workflow)
-        session.flush()  # the run's row before its steps' (their foreign key)
-        session.add_all(steps.values())
-    return outcome
+        _specs[workflow_id] = cached
+    fresh = {s.id: rules.StepState() for s in spec.steps}
+    nxt = rules.start(cached.defs, rules.Run(workflow_id, spec.name, WorkflowStatus.running, fresh))
+    ids = {s.id: new_id() for s in spec.steps}
+    models = {s.id: s.model for s in spec.steps}
+    ended = nxt.run.status.terminal
+    steps = []
+    for i, s in enumerate(spec.steps):
+        state = nxt.run.steps[s.id]
+        row = _step_change(ids[s.id], fresh[s.id], state, now)
+        row["id"] = row.pop("sid")
+        row.setdefault("queued_at", None)
+        row.setdefault("finished_at", None)
+        steps.append(
+            {
+                **row,
+                "workflow_id": workflow_id,
+                "step_id": s.id,
+                "position": i,
+                "kind": s.kind,
+                "model": s.model,
+                "depends_on": list(s.depends_on),
+                "max_attempts": s.retry.max_attempts,
+                "output": None,
+                "dispatched_at": None,
+                "started_at": None,
+            }
+        )
+    with db.connection_scope(write=True) as conn:
+        conn.execute(
+            queries.INSERT_WORKFLOW,
+            {
+                "id": workflow_id,
+                "name": spec.name,
+                "status": nxt.run.status,
+                "spec": raw,
+                "api_key_id": api_key_id,
+                "idempotency_key": idempotency_key,
+                "request_hash": request_hash,
+                "error": nxt.run.error,
+                "created_at": now,
+                "updated_at": now,
+                "finished_at": now if ended else None,
+            },
+        )
+        conn.execute(queries.INSERT_STEPS, steps)
+    return _outcome(nxt, ids, models, None)
 
 
 def claim(step_run_id: str, attempt: int) -> StepWork | None:
     """Mark ``attempt`` of a step running and return its work (its input rendered against
     the steps above it); None when this delivery is not the step's to run."""
-    with _locked(step_run_id=step_run_id) as tx:
-        row = next((r for r in tx.steps.values() if r.id == step_run_id), None)
+    now = utcnow()
+    # One statement: it commits on its own. What it reads after never changes again.
+    with db.autocommit_scope(write=True) as conn:
+        row = conn.execute(
+            queries.CLAIM, {"sid": step_run_id, "attempt": attempt, "now": now}
+        ).first()
         if row is None:
-            raise StepGone(f"no step run {step_run_id!r}")
-        run = tx.state()
-        if not rules.claim(run, row.step_id, attempt):
+            if conn.execute(queries.STEP_EXISTS, {"sid": step_run_id}).first() is None:
+                raise StepGone(f"no step run {step_run_id!r}")
             return None
-        queued_at = row.queued_at
-        tx.apply(rules.started(run, row.step_id, attempt))
-        _, specs = _spec_of(tx.session, tx.workflow.id)
-        step_spec = specs[row.step_id]
-        work = StepWork(
-            step_run_id=row.id,
-            workflow_id=tx.workflow.id,
-            step_id=row.step_id,
-            kind=row.kind,
-            model=row.model,
-            attempt=attempt,
-            input=step_spec["input"],
-            timeout_s=step_spec.get("timeout_s"),
-            queued_ms=(utcnow() - queued_at).total_seconds() * 1000 if queued_at else 0.0,
+        spec = _spec_of(conn, row.workflow_id)
+        above = rules.ancestors(spec.defs, row.step_id)
+        ended = (
+            conn.execute(queries.ANCESTORS, {"wid": row.workflow_id, "ids": above}).all()
+            if above
+            else []
         )
-        context = rules.context(tx.defs, run, row.step_id)
-        context["steps"][row.step_id] = {
-            "status": StepStatus.running.value,
-            "output": None,
-            "attempts": attempt,
-            "error": None,
-        }
+    step_spec = spec.steps[row.step_id]
+    work = StepWork(
+        step_run_id=row.id,
+        workflow_id=row.workflow_id,
+        step_id=row.step_id,
+        kind=row.kind,
+        model=row.model,
+        attempt=attempt,
+        input=step_spec["input"],
+        timeout_s=step_spec.get("timeout_s"),
+        queued_ms=(now - row.queued_at).total_seconds() * 1000 if row.queued_at else 0.0,
+        started_at=now,
+    )
+    states = {r.step_id: rules.StepState(r.status, r.attempts, r.output, r.error) for r in ended}
+    run = rules.Run(row.workflow_id, spec.name, WorkflowStatus.running, states)
+    context = rules.context(spec.defs, run, row.step_id)
+    context["steps"][row.step_id] = {
+        "status": StepStatus.running.value,
+        "output": None,
+        "attempts": attempt,
+        "error": None,
+    }
     try:
         work.input = render_value(step_spec["input"], context)
     except (TemplateError, TypeError, ValueError, ArithmeticError) as exc:
@@ -277,7 +334,7 @@ def complete(step_run_id: str, attempt: int, output: dict[str, Any]) -> Outcome 
     """Store an attempt's output and advance; None when the attempt no longer owns its step."""
     with _locked(step_run_id=step_run_id) as tx:
         step_id = _step_id(tx, step_run_id)
-        nxt = rules.succeed(tx.defs, tx.state(), step_id, attempt, output)
+        nxt = rules.succeed(tx.spec.defs, tx.run, step_id, attempt, output)
         return None if nxt is None else tx.apply(nxt, step_id)
 
 
@@ -286,8 +343,8 @@ def fail(step_run_id: str, attempt: int, error: str, *, retryable: bool) -> Outc
     with _locked(step_run_id=step_run_id) as tx:
         step_id = _step_id(tx, step_run_id)
         nxt = rules.fail(
-            tx.defs,
-            tx.state(),
+            tx.spec.defs,
+            tx.run,
             step_id,
             attempt,
             error,
@@ -300,25 +357,25 @@ def fail(step_run_id: str, attempt: int, error: str, *, retryable: bool) -> Outc
 def cancel(workflow_id: str, api_key_id: int | None) -> Outcome:
     """Cancel a running workflow of ``api_key_id``: every unfinished step is cancelled."""
     with _locked(workflow_id=workflow_id) as tx:
-        if tx.workflow.api_key_id != api_key_id:
+        if tx.api_key_id != api_key_id:
             raise NotFoundError(f"no workflow {workflow_id!r}")
-        nxt = rules.cancel(tx.state())
+        nxt = rules.cancel(tx.run)
         if nxt is None:
-            raise ConflictError(f"workflow {workflow_id} is already {tx.workflow.status.value}")
+            raise ConflictError(f"workflow {workflow_id} is already {tx.run.status.value}")
         return tx.apply(nxt)
 
 
 def note_cancelled(step_run_id: str, attempt: int, detail: str) -> None:
     """Record on a cancelled step what the worker that was running it did."""
-    with db.session_scope(write=True) as session:
-        step = session.get(StepRun, step_run_id)
-        if step is not None and step.status is StepStatus.cancelled and step.attempts == attempt:
-            step.error = detail
+    with db.autocommit_scope(write=True) as conn:
+        conn.execute(
+            queries.NOTE_CANCELLED, {"sid": step_run_id, "attempt": attempt, "error": detail}
+        )
 
 
 def _step_id(tx: _Locked, step_run_id: str) -> str:
-    for step_id, row in tx.steps.items():
-        if row.id == step_run_id:
+    for step_id, sid in tx.ids.items():
+        if sid == step_run_id:
             return step_id
     raise StepGone(f"no step run {step_run_id!r}")
 
@@ -326,30 +383,19 @@ def _step_id(tx: _Locked, step_run_id: str) -> str:
 # ---- reads ------------------------------------------------------------------------------
 
 
-def find_idempotent(api_key_id: int | None, key: str) -> WorkflowRun | None:
+def find_idempotent(api_key_id: int | None, key: str) -> Row[Any] | None:
     """The run an earlier submit with this Idempotency-Key created, if any."""
-    with db.session_scope() as session:
-        return session.exec(
-            select(WorkflowRun)
-            .where(WorkflowRun.api_key_id == api_key_id, WorkflowRun.idempotency_key == key)
-            .options(defer(WorkflowRun.spec))  # type: ignore[arg-type]
-        ).first()
+    with db.autocommit_scope() as conn:
+        return conn.execute(queries.IDEMPOTENT, {"key_id": api_key_id, "key": key}).first()
 
 
-def read(workflow_id: str, api_key_id: int | None) -> tuple[WorkflowRun, Sequence[StepRun]]:
-    """A workflow of ``api_key_id`` and its steps, in spec order."""
-    with db.session_scope() as session:
-        workflow = session.exec(
-            select(WorkflowRun)
-            .where(WorkflowRun.id == workflow_id)
-            .options(defer(WorkflowRun.spec))  # type: ignore[arg-type]
-        ).first()
-        if workflow is None or workflow.api_key_id != api_key_id:
-            raise NotFoundError(f"no workflow {workflow_id!r}")
-        steps = session.exec(
-            select(StepRun).where(StepRun.workflow_id == workflow_id).order_by(StepRun.position)  # type: ignore[arg-type]
-        ).all()
-        return workflow, steps
+def read(workflow_id: str, api_key_id: int | None) -> tuple[Row[Any], Sequence[Row[Any]]]:
+    """A workflow of ``api_key_id`` (without its spec) and its steps, in spec order."""
+    with db.autocommit_scope() as conn:  # the steps are read after the workflow's row
+        workflow, steps = queries.read_run(conn, workflow_id)
+    if workflow is None or workflow.api_key_id != api_key_id:
+        raise NotFoundError(f"no workflow {workflow_id!r}")
+    return workflow, steps
 
 
 def page(
@@ -358,24 +404,9 @@ def page(
     status: WorkflowStatus | None,
     limit: int,
     after: tuple[datetime, str] | None,
-) -> list[WorkflowRun]:
+) -> list[Row[Any]]:
     """Up to ``limit`` + 1 workflows of ``api_key_id``, newest first, older than ``after``
     (a created_at and an id), optionally of one status."""
-    query = (
-        select(WorkflowRun)
-        .where(WorkflowRun.api_key_id == api_key_id)
-        .options(defer(WorkflowRun.spec))  # type: ignore[arg-type]
-    )
-    if status is not None:
-        query = query.where(WorkflowRun.status == status)
-    if after is not None:
-        at, wid = after
-        query = query.where(
-            or_(
-                WorkflowRun.created_at < at,  # type: ignore[arg-type]
-                and_(WorkflowRun.created_at == at, WorkflowRun.id < wid),  # type: ignore[arg-type]
-            )
-        )
-    newest = (WorkflowRun.created_at.desc(), WorkflowRun.id.desc())  # type: ignore[attr-defined]
-    with db.session_scope() as session:
-        return list(session.exec(query.order_by(*newest).limit(limit + 1)).all())
+    with db.autocommit_scope() as conn:
+        query = queries.page_query(api_key_id, status, after).limit(limit + 1)
+        return list(conn.execute(query).all())

@@ -7,7 +7,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel
 
-from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
+from app.store.tables import StepStatus, WorkflowStatus
 
 
 class StepPublic(BaseModel):
@@ -28,8 +28,8 @@ class StepPublic(BaseModel):
     duration_ms: float | None
 
     @classmethod
-    def of(cls, row: StepRun) -> StepPublic:
-        """From a step's row."""
+    def of(cls, row: Any) -> StepPublic:
+        """From a step's row (a table object or a result row: its columns as attributes)."""
         finished, started = row.finished_at, row.started_at
         return cls(
             id=row.step_id,
@@ -61,8 +61,9 @@ class WorkflowSummary(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, row: WorkflowRun, **extra: Any) -> Self:
-        """From a workflow row; ``extra`` fills a subclass's fields (a view's steps)."""
+    def of(cls, row: Any, **extra: Any) -> Self:
+        """From a workflow's row (a table object or a result row); ``extra`` fills a
+        subclass's fields (a view's steps)."""
         return cls(
             id=row.id,
             name=row.name,

@@ -6,13 +6,14 @@ import threading
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 from sqlmodel import select
 
 from app.core.config import Settings
 from app.core.errors import ConflictError
-from app.store import db
+from app.store import db, queries
 from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
-from app.workflows import engine
+from app.workflows import engine, rules
 from app.workflows.engine import Dispatch, Outcome
 from app.workflows.spec import validate_workflow
 from models.catalog import load_catalog
@@ -238,3 +239,84 @@ def test_another_keys_workflow_is_not_found(settings: Settings) -> None:
     with pytest.raises(engine.NotFoundError):
         engine.read(created.workflow_id, 12345)
     assert workflow(created.workflow_id).status is WorkflowStatus.running
+
+
+def test_the_claim_statement_is_rules_claim(settings: Settings) -> None:
+    """The conditional UPDATE of a claim starts a step exactly when rules.claim says so,
+    over every workflow status, step status, attempts and delivered attempt."""
+    created = create(settings, [gen("a")])
+    wid, sid = created.workflow_id, created.dispatches[0].step_run_id
+    checked = 0
+    for run_status in WorkflowStatus:
+        for status in StepStatus:
+            for attempts in range(3):
+                for attempt in range(1, 4):
+                    with db.connection_scope(write=True) as conn:
+                        conn.execute(
+                            update(queries.WORKFLOW)
+                            .where(queries.WORKFLOW.c.id == wid)
+                            .values(status=run_status)
+                        )
+                        conn.execute(
+                            update(queries.STEP)
+                            .where(queries.STEP.c.id == sid)
+                            .values(status=status, attempts=attempts)
+                        )
+                    run = rules.Run(wid, "t", run_status, {"a": rules.StepState(status, attempts)})
+                    expected = rules.claim(run, "a", attempt)
+                    work = engine.claim(sid, attempt)
+                    assert (work is not None) == expected, (run_status, status, attempts, attempt)
+                    row = steps_of(wid)["a"]
+                    if expected:
+                        assert (row.status, row.attempts) == (StepStatus.running, attempt)
+                    else:
+                        assert (row.status, row.attempts) == (status, attempts)  # untouched
+                    checked += 1
+    assert checked == len(WorkflowStatus) * len(StepStatus) * 9
+
+
+def test_a_claim_of_a_missing_step_is_step_gone(settings: Settings) -> None:
+    with pytest.raises(engine.StepGone):
+        engine.claim("0" * 32, 1)
+
+
+@pytest.mark.parametrize("round_", range(6))
+def test_claims_racing_a_failure_that_ends_the_workflow(settings: Settings, round_: int) -> None:
+    """A claim either starts its step before the failure (the step keeps running) or
+    finds the workflow failed (the step is cancelled): never both, never neither."""
+    created = create(settings, [gen("a"), *(gen(f"b{i}") for i in range(4))])
+    a = next(
+        d for d in created.dispatches if d.step_run_id == steps_of(created.workflow_id)["a"].id
+    )
+    others = [d for d in created.dispatches if d is not a]
+    assert engine.claim(a.step_run_id, 1) is not None
+    barrier = threading.Barrier(len(others) + 1)
+    claimed: dict[str, bool] = {}
+    errors: list[BaseException] = []
+
+    def claim(d: Dispatch) -> None:
+        try:
+            barrier.wait()
+            claimed[d.step_run_id] = engine.claim(d.step_run_id, d.attempt) is not None
+        except BaseException as exc:
+            errors.append(exc)
+
+    def fail() -> None:
+        try:
+            barrier.wait()
+            engine.fail(a.step_run_id, 1, "boom", retryable=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(d,)) for d in others]
+    threads.append(threading.Thread(target=fail))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert workflow(created.workflow_id).status is WorkflowStatus.failed
+    rows = {r.id: r for r in steps_of(created.workflow_id).values()}
+    for d in others:
+        expected = StepStatus.running if claimed[d.step_run_id] else StepStatus.cancelled
+        assert rows[d.step_run_id].status is expected

@@ -204,7 +204,8 @@ def test_every_run_terminates_and_keeps_the_invariants(
             nxt = rules.fail(
                 defs, run, send.step_id, send.attempt, "x", retryable=outcome == "retryable"
             )
-        owns = run.steps[send.step_id].status is S.running
+        step = run.steps[send.step_id]
+        owns = step.status is S.running and step.attempts == send.attempt
         assert (nxt is not None) == owns  # only the running attempt's result is stored
         if nxt is None:
             continue
