@@ -21,27 +21,10 @@ from app.core.errors import ServiceUnavailable
 from app.store.tables import StepRun, StepStatus, WorkflowStatus
 from app.workflows import engine, service
 from app.workflows.names import queue_for
-from app.workflows.spec import validate_workflow
-from models.catalog import load_catalog
+from tests.utils.workflows import gen, submit
 from workers import steps
 from workers.runtime import LlamaCppRuntime
 from workers.steps import run_step
-
-
-def gen(step_id: str, prompt: str = "Hi", max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": step_id,
-        "kind": "generate",
-        "model": "tiny-chat",
-        "input": {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
-        **extra,
-    }
-
-
-def submit(settings: Settings, *specs: dict[str, Any]) -> str:
-    raw = {"name": "steps", "steps": list(specs)}
-    validated = validate_workflow(raw, load_catalog(settings.catalog_path), settings)
-    return service.submit_validated(validated, api_key_id=None).id
 
 
 def steps_of(workflow_id: str) -> dict[str, StepRun]:
@@ -75,7 +58,9 @@ def test_a_step_runs_and_its_result_is_stored(
     isolated: Settings, runtime: LlamaCppRuntime, broker: redis.Redis
 ) -> None:
     wid = submit(
-        isolated, gen("a"), gen("b", prompt="{{ steps.a.output.text }}!", depends_on=["a"])
+        isolated,
+        gen("a", max_tokens=8),
+        gen("b", prompt="{{ steps.a.output.text }}!", depends_on=["a"]),
     )
     a = steps_of(wid)["a"]
     assert run_step(a.id, 1, runtime) == "succeeded"

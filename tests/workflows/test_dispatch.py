@@ -29,25 +29,9 @@ from app.workflows import dispatch, engine, service
 from app.workflows.dispatch import SENT_PREFIX, SENT_TTL_S
 from app.workflows.engine import Dispatch
 from app.workflows.names import STEP_TASK, queue_for
-from app.workflows.spec import validate_workflow
-from models.catalog import load_catalog
+from tests.utils.workflows import gen, validated
 
 QUEUE = queue_for("tiny-chat")
-
-
-def gen(step_id: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": step_id,
-        "kind": "generate",
-        "model": "tiny-chat",
-        "input": {"prompt": "hi", "max_tokens": 4},
-        **extra,
-    }
-
-
-def validated(settings: Settings, *steps: dict[str, Any]) -> Any:
-    raw = {"name": "dispatch", "steps": list(steps) or [gen("a")]}
-    return validate_workflow(raw, load_catalog(settings.catalog_path), settings)
 
 
 def committed(settings: Settings, *steps: dict[str, Any]) -> tuple[Dispatch, ...]:

@@ -15,25 +15,11 @@ from app.store import db, queries
 from app.store.tables import StepRun, StepStatus, WorkflowRun, WorkflowStatus
 from app.workflows import engine, rules
 from app.workflows.engine import Dispatch, Outcome
-from app.workflows.spec import validate_workflow
-from models.catalog import load_catalog
-
-
-def gen(step_id: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": step_id,
-        "kind": "generate",
-        "model": "tiny-chat",
-        "input": {"prompt": "hi", "max_tokens": 4},
-        **extra,
-    }
+from tests.utils.workflows import gen, validated
 
 
 def create(settings: Settings, steps: list[dict[str, Any]]) -> Outcome:
-    validated = validate_workflow(
-        {"name": "t", "steps": steps}, load_catalog(settings.catalog_path), settings
-    )
-    return engine.create(validated)
+    return engine.create(validated(settings, *steps))
 
 
 def steps_of(workflow_id: str) -> dict[str, StepRun]:
@@ -205,7 +191,8 @@ def test_templates_render_from_parent_outputs(settings: Settings) -> None:
     engine.forget_specs()  # a worker that never saw the workflow reads its spec
     work = engine.claim(created.dispatches[0].step_run_id, 1)
     assert work is not None and work.step_id == "a" and work.workflow_id == created.workflow_id
-    assert work.input == {"prompt": "hi", "max_tokens": 4} and work.timeout_s == 7.5
+    assert work.input == {"prompt": "hi", "max_tokens": 4, "temperature": 0}
+    assert work.timeout_s == 7.5
     after = engine.complete(work.step_run_id, 1, {"text": "hello"})
     assert after is not None
     engine.forget_specs()

@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -20,22 +19,7 @@ from app.workflows import engine, events, service
 from app.workflows.events import CANCEL_KEY, CANCEL_TTL_S, CHANNEL, FinishedListener
 from app.workflows.spec import validate_workflow
 from models.catalog import load_catalog
-
-
-def gen(step_id: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": step_id,
-        "kind": "generate",
-        "model": "tiny-chat",
-        "input": {"prompt": "Hi", "max_tokens": 2},
-        **extra,
-    }
-
-
-def submit(settings: Settings, *steps: dict[str, Any]) -> str:
-    raw = {"name": "events", "steps": list(steps) or [gen("a")]}
-    validated = validate_workflow(raw, load_catalog(settings.catalog_path), settings)
-    return service.submit_validated(validated, api_key_id=None).id
+from tests.utils.workflows import gen, submit
 
 
 def step_ids(workflow_id: str) -> dict[str, str]:

@@ -10,18 +10,9 @@ from app.core.config import Settings
 from app.core.errors import SpecError
 from app.workflows.spec import validate_workflow
 from models.catalog import CatalogEntry, load_catalog
+from tests.utils.workflows import gen
 
 CATALOG = load_catalog()
-
-
-def gen(step_id: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "id": step_id,
-        "kind": "generate",
-        "model": "tiny-chat",
-        "input": {"prompt": "hi", "max_tokens": 4},
-        **extra,
-    }
 
 
 def errors(
