@@ -122,7 +122,9 @@ def claim(run: Run, step_id: str, attempt: int) -> bool:
 
 
 def started(run: Run, step_id: str, attempt: int) -> Next:
-    """The run once ``attempt`` of ``step_id`` has started (after :func:`claim`)."""
+    """The run once ``attempt`` of ``step_id`` has started (after :func:`claim`). The
+    engine writes :func:`claim` and this together as one statement
+    (:data:`app.store.queries.CLAIM`)."""
     t = _Transition({}, run)
     t.set(step_id, status=StepStatus.running, attempts=attempt, error=None)
     return t.done()
