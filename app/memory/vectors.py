@@ -332,6 +332,15 @@ def _command(client: redis.Redis, *args: Any) -> Any:
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
+def _documents(reply: Any) -> list[dict[bytes, Any]]:
+    """The returned fields of each document of an ``FT.SEARCH`` reply: a RESP2 array
+    (total, id, fields, id, fields, …) or a RESP3 map (``results``, each with
+    ``extra_attributes``), which redis-py speaks depending on its version."""
+    if isinstance(reply, dict):
+        return [doc[b"extra_attributes"] for doc in reply[b"results"]]
+    return [dict(zip(reply[i][::2], reply[i][1::2], strict=True)) for i in range(2, len(reply), 2)]
+
+
 def _tag(value: str) -> str:
     return _TAG_SPECIAL.sub(r"\\\1", value)
 
@@ -416,8 +425,7 @@ class RediSearchIndex:
                 "RETURN", 3, "conv", "seq", "dist", "LIMIT", 0, want, "DIALECT", 2,
             )  # fmt: skip
             hits, orphans = [], set()
-            for i in range(2, len(raw), 2):
-                fields = dict(zip(raw[i][::2], raw[i][1::2], strict=True))
+            for fields in _documents(raw):
                 cid = fields[b"conv"].decode()
                 seq = int(fields[b"seq"])
                 if (cid, seq) in skip:
