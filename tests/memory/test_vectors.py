@@ -1,19 +1,21 @@
 """Vector storage and cosine search: every index gives the exact top-k a brute force gives.
 
-The Redis-native index path runs only on a server with vector search (RediSearch ≥ 2.4,
-Redis Stack, Redis 8); on others it is skipped and the scan path is what ``auto`` picks.
+Each test runs twice: on the session's Redis with the scan index, and on a private Redis
+8.2 with RediSearch (``search_redis_url``) with the native index.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from app.core.config import Settings, get_settings, use_settings
 from app.core.errors import ConfigError
 from app.core.redis import get_redis
-from app.memory.service import Memory
+from app.memory.service import Memory, build_memory
 from app.memory.store import NewMessage
 from app.memory.vectors import (
     RediSearchIndex,
@@ -40,13 +42,24 @@ def reference(planted, query, k, exclude=()):
 
 
 @pytest.fixture(params=["scan", "redisearch"])
-def index(request: pytest.FixtureRequest, settings) -> VectorIndex:
-    client = get_redis()
-    if request.param == "redisearch":
-        if not search_supported(client):
-            pytest.skip("this Redis has no vector search (RediSearch ≥ 2.4): scan path only")
-        return RediSearchIndex(client)
-    return ScanIndex(client)
+def kind(request: pytest.FixtureRequest, settings: Settings) -> Iterator[str]:
+    """Which index the test runs on; ``redisearch`` on the Redis with vector search."""
+    if request.param == "scan":
+        yield "scan"
+        return
+    url = request.getfixturevalue("search_redis_url")
+    with use_settings(settings.model_copy(update={"redis_url": url})):
+        yield "redisearch"
+
+
+@pytest.fixture
+def mem(kind: str) -> Memory:
+    return build_memory(get_redis(), get_settings())
+
+
+@pytest.fixture
+def index(kind: str, mem: Memory) -> VectorIndex:
+    return RediSearchIndex(mem.redis) if kind == "redisearch" else ScanIndex(mem.redis)
 
 
 def plant(mem: Memory, tenant: str, index: VectorIndex, user: str, convs: int, per: int, seed: int):
@@ -124,12 +137,37 @@ def test_scan_cache_sees_new_vectors(mem: Memory, tenant: str) -> None:
         assert [(h.conversation_id, h.seq) for h in fresh.search(tenant, "u1", q, 6)] == want
 
 
-def test_detection_on_this_server(settings) -> None:
+def test_detection_on_this_server(kind: str) -> None:
     client = get_redis()
     supported = search_supported(client)
+    if kind == "redisearch":
+        assert supported
     picked = detect_index(client, "auto")
     assert picked.kind == ("redisearch" if supported else "scan")
     assert detect_index(client, "scan").kind == "scan"
     if not supported:
         with pytest.raises(ConfigError, match="no vector search"):
             detect_index(client, "redisearch")
+
+
+def test_native_index_and_scan_agree_on_10k_vectors(search_redis_url: str, settings) -> None:
+    """On one server, the native index and the exact scan, each holding the same 10,000
+    vectors (2,000 of them another user's), give the same top-k, and the brute force's."""
+    with use_settings(settings.model_copy(update={"redis_url": search_redis_url})):
+        mem = build_memory(get_redis(), get_settings())
+        found = {}
+        for index in (RediSearchIndex(mem.redis), ScanIndex(mem.redis)):
+            tenant = f"t{uuid.uuid4().hex[:10]}"
+            planted = plant(mem, tenant, index, "u1", convs=40, per=200, seed=11)
+            plant(mem, tenant, index, "u2", convs=10, per=200, seed=12)
+            assert len(planted) == 8000
+            ordinal = {cid: n for n, cid in enumerate(dict.fromkeys(c for c, _ in planted))}
+            rng = np.random.default_rng(13)
+            rows = []
+            for _ in range(10):
+                query = rng.standard_normal(DIM).astype(np.float32)
+                hits = [(h.conversation_id, h.seq) for h in index.search(tenant, "u1", query, 10)]
+                assert hits == reference(planted, query, 10)
+                rows.append([(ordinal[c], seq) for c, seq in hits])
+            found[index.kind] = rows
+        assert found["redisearch"] == found["scan"]
