@@ -3,8 +3,8 @@
     total = weights on the GPU (per layer, from tensor types and shapes, plus the output head)
           + KV cache   (n_ctx × parallel slots × layers × kv heads × head dims × cache type;
                         sliding-window layers only keep their window)
-          + compute buffers (llama.cpp's graph scratch: logits, and the attention matrix
-                        unless flash attention is on)
+          + compute buffers (llama.cpp's graph scratch: the larger of the logits and the
+                        attention scores with their mask; no score matrix with flash attention)
           + a fixed per-GPU overhead (CUDA context, cuBLAS workspace)
 
 For a tensor split, each GPU holds its share of layers (weights and KV), its own compute
@@ -203,9 +203,12 @@ def estimate(
         swa = window is not None and period is not None and (layer % period) != period - 1
         layer_cells = min(cells, window * parallel + n_ubatch) if window and swa else cells
         kv.append(int(layer_cells * row))
-    logits = 4 * n_ubatch * (shape.n_embd + shape.n_vocab)
+    # The graph's peak: the output (logits, and the last hidden state around the output
+    # norm), or attention (the f32 score matrix and the mask over every cell).
+    logits = 4 * n_ubatch * (shape.n_vocab + 3 * shape.n_embd)
     attention = 0 if flash_attention else 4 * n_ubatch * shape.n_head * cells
-    compute = max(logits, attention + 4 * n_ubatch * 4 * shape.n_embd)
+    mask = (2 if flash_attention else 4) * n_ubatch * cells
+    compute = max(logits, attention + mask + 4 * n_ubatch * 4 * shape.n_embd)
     return MemoryEstimate(
         shape=shape,
         n_ctx=n_ctx,
