@@ -111,7 +111,11 @@ class _Turn:
         return out
 
     def _summarise_call(self, messages: list[PromptMessage], max_tokens: int) -> str:
-        out = self._chat(messages, max_tokens=max_tokens, temperature=0.0, grammar=None)
+        on_text, self.control.on_text = self.control.on_text, None  # not the reply: not streamed
+        try:
+            out = self._chat(messages, max_tokens=max_tokens, temperature=0.0, grammar=None)
+        finally:
+            self.control.on_text = on_text
         return str(out["text"])
 
     def _embed_query(self, text: str) -> Vectors:
@@ -313,7 +317,8 @@ class _Turn:
             forced = rnd == 0 and enabled and choice in FORCING
             allowed = enabled if choice == "required" else [choice]
             gbnf = tools.grammar(allowed, tool_blocks) if forced else None
-            out = self._chat(asm.messages, grammar=gbnf)
+            # Without memory tools the step's own response_format or functions apply.
+            out = self._chat(asm.messages, **({"grammar": gbnf} if enabled else {}))
             rounds.append(
                 {
                     "prompt_tokens": out["prompt_tokens"],
@@ -352,7 +357,10 @@ class _Turn:
             for h in asm.semantic
         ]
         self._record_reply(out["text"], calls)
-        return self._output(out["text"], out["finish_reason"], calls, out.get("timings") or {})
+        result = self._output(out["text"], out["finish_reason"], calls, out.get("timings") or {})
+        if out.get("function_calls"):
+            result["function_calls"] = out["function_calls"]
+        return result
 
     def _fit_tool_round(
         self,

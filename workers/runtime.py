@@ -25,7 +25,9 @@ from app.core.errors import (
     StepInputError,
     StepTimeout,
 )
+from app.workflows import structured
 from models.catalog import CatalogEntry
+from workers.textstream import TextPieces
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class RunControl:
     stopped: str | None = None
     first_token_at: float | None = None
     tokens: int = 0  # tokens sampled so far in this call
+    # Called with each piece of the reply's text as the model decodes it.
+    on_text: Callable[[str], None] | None = None
     # The first cancel poll comes poll_s after the start (a cancel before the claim is
     # caught by the claim itself), so a short step makes no Redis round trip for it.
     _last_poll: float = field(default_factory=time.monotonic, repr=False)
@@ -113,6 +117,8 @@ def llama_class() -> type[Any]:
     - It also asks ``extra_stop``, when one is set: ``create_chat_completion`` takes no
       stopping criteria; its chat handler calls ``create_completion`` with the template's
       own, and this adds the step's to them.
+    - ``on_token``, when set, is called with every token as it is sampled (the source of
+      a step's streamed text, see :class:`TextPieces`).
     - Its detokenization is incremental. llama-cpp-python's ``create_completion``
       detokenizes the whole completion after every token, one ctypes call per token, so a
       completion of n tokens costs n²/2 conversions (on the tiny model, 85% of a 2048-token
@@ -126,7 +132,15 @@ def llama_class() -> type[Any]:
 
         class CorralLlama(Llama):
             extra_stop: Callable[[Any, Any], bool] | None = None
+            on_token: Callable[[int], None] | None = None
             _detokenized: _Detokenized | None = None
+
+            def generate(self, *args: Any, **kwargs: Any) -> Any:
+                # Each token as it is sampled, before create_completion looks at it.
+                for token in super().generate(*args, **kwargs):
+                    if self.on_token is not None:
+                        self.on_token(token)
+                    yield token
 
             def create_completion(self, *args: Any, **kwargs: Any) -> Any:
                 if self.extra_stop is not None:
@@ -271,6 +285,8 @@ class LlamaCppRuntime:
             "top_p": inp["top_p"],
             "top_k": inp["top_k"],
             "repeat_penalty": inp["repeat_penalty"],
+            "presence_penalty": inp.get("presence_penalty", 0.0),
+            "frequency_penalty": inp.get("frequency_penalty", 0.0),
             "seed": inp.get("seed"),
             "stop": inp.get("stop") or [],
         }
@@ -296,42 +312,66 @@ class LlamaCppRuntime:
         }
 
     @contextmanager
-    def _stopping(self, control: RunControl) -> Iterator[None]:
+    def _stopping(self, control: RunControl, stops: list[str]) -> Iterator[TextPieces | None]:
         """Within the block, every completion also asks ``control`` whether to stop (chat's
-        handler passes stopping criteria of its own: the step's joins them)."""
+        handler passes stopping criteria of its own: the step's joins them), and hands
+        its text, as it is sampled, to ``control.on_text``."""
         self.llm.extra_stop = self._stopper(control)
+        pieces = None
+        if control.on_text is not None:
+            pieces = self.llm.on_token = TextPieces(self.llm, control.on_text, stops)
         try:
-            yield
+            yield pieces
         finally:
             self.llm.extra_stop = None
+            self.llm.on_token = None
 
     def generate(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
         prompt: str = inp["prompt"]
         n_prompt = len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
         self._check_fits(n_prompt, inp["max_tokens"])
         started = time.perf_counter()
-        with self._stopping(control):
+        sampling = self._sampling(inp)
+        with self._stopping(control, sampling["stop"]) as pieces:
             resp = self.llm.create_completion(
                 prompt,
                 logits_processor=self._no_eos() if inp.get("ignore_eos") else None,
-                **self._sampling(inp),
+                **sampling,
             )
-        return self._finish(cast(dict[str, Any], resp), control, started)
+        out = self._finish(cast(dict[str, Any], resp), control, started)
+        if pieces is not None:
+            pieces.finish(out["text"])
+        return out
 
     def chat(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
+        messages = structured.template_messages(inp["messages"])
+        functions = [structured.FunctionDef.model_validate(f) for f in inp.get("functions") or []]
+        choice = str(inp.get("function_call") or "auto")
+        calling = bool(functions) and choice != "none"
+        if "grammar" in inp:  # the caller's own (memory tool calls), or None: free text
+            gbnf = inp["grammar"]
+        elif calling:
+            gbnf = structured.call_grammar(functions, choice)
+            messages = _with_system(messages, structured.function_prompt(functions, choice))
+        else:
+            fmt = inp.get("response_format")
+            gbnf = structured.response_grammar(
+                structured.ResponseFormat.model_validate(fmt) if fmt else None
+            )
         grammar = None
-        if inp.get("grammar"):  # GBNF that constrains the reply (memory tool calls)
+        if gbnf:
             from llama_cpp.llama_grammar import LlamaGrammar
 
-            grammar = LlamaGrammar.from_string(inp["grammar"], verbose=False)
+            grammar = LlamaGrammar.from_string(gbnf, verbose=False)
         started = time.perf_counter()
+        sampling = self._sampling(inp)
         try:
-            with self._stopping(control):
+            with self._stopping(control, sampling["stop"]) as pieces:
                 resp = self.llm.create_chat_completion(
-                    messages=inp["messages"],
+                    messages=messages,
                     logits_processor=self._no_eos() if inp.get("ignore_eos") else None,
                     grammar=grammar,
-                    **self._sampling(inp),
+                    **sampling,
                 )
         except ValueError as exc:
             if "exceed context window" in str(exc):
@@ -341,6 +381,12 @@ class LlamaCppRuntime:
             raise
         out = self._finish(cast(dict[str, Any], resp), control, started)
         out["message"] = {"role": "assistant", "content": out["text"]}
+        call = structured.parse_call(out["text"], functions) if calling else None
+        if call is not None:
+            out["function_calls"] = [call]
+            out["finish_reason"] = "tool_calls"
+        if pieces is not None:
+            pieces.finish(out["text"])
         return out
 
     def embed(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
@@ -377,3 +423,11 @@ class LlamaCppRuntime:
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _with_system(messages: list[dict[str, Any]], section: str) -> list[dict[str, Any]]:
+    """``messages`` with ``section`` added to the system message (one is put first if none)."""
+    if messages and messages[0]["role"] == "system":
+        first = messages[0]
+        return [{**first, "content": f"{first['content']}\n\n{section}"}, *messages[1:]]
+    return [{"role": "system", "content": section}, *messages]

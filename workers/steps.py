@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from app.core.config import get_settings
 from app.core.errors import ServiceUnavailable, StepCancelled, StepError
-from app.workflows import engine, events, service
+from app.workflows import engine, events, service, streams
 from app.workflows.engine import StepWork
 from app.workflows.spec import INPUT_MODELS
 from workers.memory import memory_chat, uses_memory
@@ -54,21 +54,32 @@ def execute(work: StepWork, runtime: ModelRuntime) -> dict[str, Any]:
     settings = get_settings()
     timeout_s = work.timeout_s or settings.default_step_timeout_s
     params = INPUT_MODELS[work.kind].model_validate(work.input).model_dump()
+    # The reply's text goes on the step's token stream as it is decoded.
+    writer = (
+        streams.DeltaWriter(work.workflow_id, work.step_id, work.attempt)
+        if work.kind != "embed"
+        else None
+    )
     control = RunControl(
         deadline=time.monotonic() + timeout_s,
         timeout_s=timeout_s,
         should_cancel=lambda: _cancel_requested(work.workflow_id),
         poll_s=settings.cancel_poll_s,
+        on_text=writer,
     )
     _inject_fault(work)
-    if work.kind == "generate":
-        out = runtime.generate(params, control)
-    elif work.kind == "chat" and uses_memory(params):
-        out = memory_chat(work, runtime, params, control)
-    elif work.kind == "chat":
-        out = runtime.chat(params, control)
-    else:
-        out = runtime.embed(params, control)
+    try:
+        if work.kind == "generate":
+            out = runtime.generate(params, control)
+        elif work.kind == "chat" and uses_memory(params):
+            out = memory_chat(work, runtime, params, control)
+        elif work.kind == "chat":
+            out = runtime.chat(params, control)
+        else:
+            out = runtime.embed(params, control)
+    finally:
+        if writer is not None:
+            writer.close()
     out.setdefault("timings", {})["queue_ms"] = round(work.queued_ms, 3)
     out["model"] = runtime.name
     out["attempt"] = work.attempt

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     # Workers.
     worker_heartbeat_s: float = Field(default=10.0, gt=0)
     cancel_poll_s: float = Field(default=0.1, gt=0)
+    stream_flush_s: float = Field(
+        default=0.02, ge=0, description="token deltas after the first are sent this often"
+    )
+    stream_ttl_s: int = Field(
+        default=3600, ge=1, description="a step's token stream is kept this long after it"
+    )
     reconcile_s: float = Field(default=15.0, gt=0, description="beat: how often to reconcile")
     reconcile_after_s: float = Field(
         default=30.0, gt=0, description="a ready step not on the broker after this is resent"

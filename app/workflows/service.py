@@ -4,7 +4,9 @@ Every door calls these: the HTTP routes, the CLI, conversation replies, summarie
 the worker pools. Each write commits first and sends after (send after commit)::
 
     submit:   validate (spec) → engine.create (rules.start, one commit) → dispatch.send
-    result:   engine.complete / fail (rules, one commit) → dispatch.send → publish_finished
+    claim:    engine.claim (one statement) → streams.note_change
+    result:   engine.complete / fail (rules, one commit) → dispatch.send → note_change
+              → publish_finished
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from app.core.config import Settings
 from app.core.errors import ConflictError, SpecError
 from app.scheduler import live
 from app.store.tables import StepStatus, WorkflowStatus
-from app.workflows import dispatch, engine, events
+from app.workflows import dispatch, engine, events, streams
 from app.workflows.engine import Outcome, StepWork
 from app.workflows.events import FinishedListener
 from app.workflows.schemas import StepPublic, WorkflowPage, WorkflowPublic, WorkflowSummary
@@ -193,7 +195,10 @@ async def wait_for_end(
 
 def claim_step(step_run_id: str, attempt: int) -> StepWork | None:
     """Start ``attempt`` of a step if it is the step's to run; its work, else None."""
-    return engine.claim(step_run_id, attempt)
+    work = engine.claim(step_run_id, attempt)
+    if work is not None:
+        streams.note_change(work.workflow_id)
+    return work
 
 
 def complete_step(step_run_id: str, attempt: int, output: dict[str, Any]) -> bool:
@@ -218,5 +223,6 @@ def fail_step(step_run_id: str, attempt: int, error: str, *, retryable: bool) ->
 
 def _after_commit(outcome: Outcome) -> None:
     dispatch.send(outcome.dispatches)
+    streams.note_change(outcome.workflow_id)
     if outcome.finished:
         events.publish_finished(outcome.workflow_id)

@@ -34,6 +34,13 @@ from app.core.config import Settings
 from app.core.errors import FieldError, SpecError, UnknownModelError
 from app.memory.keys import CONVERSATION_ID_PATTERN, USER_ID_PATTERN
 from app.memory.options import TOOL_NAMES, MemoryOptions, ToolChoice, ToolName
+from app.workflows.structured import (
+    FUNCTION_NAME_PATTERN,
+    FunctionDef,
+    ResponseFormat,
+    ToolCall,
+    schema_problem,
+)
 from app.workflows.templating import (
     Reference,
     check_condition,
@@ -58,6 +65,7 @@ OUTPUT_KEYS = {
         "timings",
         "memory",
         "tool_calls",
+        "function_calls",
     },
     "embed": {"vectors", "dim", "prompt_tokens", "timings"},
 }
@@ -94,6 +102,8 @@ class SamplingParams(_Strict):
     top_p: float = Field(default=0.95, gt=0, le=1)
     top_k: int = Field(default=40, ge=0)
     repeat_penalty: float = Field(default=1.0, gt=0)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=0, lt=2**32)
     stop: list[str] = Field(default_factory=list, max_length=16)
     ignore_eos: bool = False
@@ -106,10 +116,24 @@ class GenerateInput(SamplingParams):
 
 
 class ChatMessage(_Strict):
-    """One chat message."""
+    """One chat message; an assistant's may hold the calls it made, and a ``tool``
+    message the result of one (``tool_call_id``)."""
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=64)
+    tool_call_id: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant's tool_calls may stand alone)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
 
 class ChatInput(SamplingParams):
@@ -128,6 +152,9 @@ class ChatInput(SamplingParams):
     tools: list[ToolName] = Field(default_factory=list, max_length=len(TOOL_NAMES))
     tool_choice: ToolChoice = "auto"
     max_tool_rounds: int = Field(default=2, ge=0, le=8)
+    response_format: ResponseFormat | None = None
+    functions: list[FunctionDef] = Field(default_factory=list, max_length=64)
+    function_call: str = Field(default="auto", pattern=FUNCTION_NAME_PATTERN)
 
     @model_validator(mode="after")
     def _memory_fields(self) -> ChatInput:
@@ -141,7 +168,32 @@ class ChatInput(SamplingParams):
             raise ValueError(f"tool_choice {self.tool_choice!r} is not one of tools")
         if self.tool_choice == "required" and not self.tools:
             raise ValueError("tool_choice 'required' needs tools")
+        self._check_functions()
         return self
+
+    def _check_functions(self) -> None:
+        names = [f.name for f in self.functions]
+        if len(set(names)) != len(names):
+            raise ValueError("functions have duplicate names")
+        if self.function_call not in ("auto", "none", "required", *names):
+            raise ValueError(f"function_call {self.function_call!r} is not one of functions")
+        if self.function_call == "required" and not self.functions:
+            raise ValueError("function_call 'required' needs functions")
+        if self.functions and self.tools:
+            raise ValueError("give memory tools or functions, not both")
+        structured = self.response_format is not None and self.response_format.type != "text"
+        if structured and self.functions and self.function_call != "none":
+            raise ValueError(
+                "response_format json_object or json_schema cannot be combined with functions "
+                "the model may call; set function_call to 'none'"
+            )
+        if self.conversation_id is not None and any(
+            m.role == "tool" or m.tool_calls for m in self.messages
+        ):
+            raise ValueError(
+                "conversation memory records user and assistant text: send tool calls and "
+                "tool messages without a conversation_id"
+            )
 
 
 class EmbedInput(_Strict):
@@ -364,6 +416,8 @@ def _check_input(
         )
     elif entry is not None and isinstance(parsed, SamplingParams):
         errors.extend(_check_context(loc, parsed, entry, n_ctx, static_text, count_tokens))
+    if isinstance(parsed, ChatInput):
+        errors.extend(_check_schemas(loc, parsed))
     elif entry is not None and isinstance(parsed, EmbedInput) and count_tokens is not None:
         for j, text in enumerate(parsed.texts):
             n = count_tokens(entry, text) if not has_template(text) else None
@@ -375,6 +429,25 @@ def _check_input(
                         "prompt_too_long",
                     )
                 )
+    return errors
+
+
+def _check_schemas(loc: tuple[str | int, ...], params: ChatInput) -> list[FieldError]:
+    """Every JSON schema a chat step gives must convert to a grammar."""
+    found: list[tuple[tuple[str | int, ...], dict[str, Any]]] = []
+    fmt = params.response_format
+    if fmt is not None and fmt.json_schema is not None:
+        found.append((("response_format", "json_schema", "schema"), fmt.json_schema.schema_))
+    if params.function_call != "none":
+        found += [
+            (("functions", i, "parameters"), f.parameters) for i, f in enumerate(params.functions)
+        ]
+    errors = []
+    for path, schema in found:
+        problem = schema_problem(schema)
+        if problem is not None:
+            where, msg = problem
+            errors.append(FieldError((*loc, "input", *path, *where), msg, "json_schema"))
     return errors
 
 

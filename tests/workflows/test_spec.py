@@ -167,3 +167,95 @@ def test_conditions_evaluate_in_the_sandbox() -> None:
     assert evaluate("steps.score.output.text | int > 50", ctx)
     assert not evaluate("steps.score.output.text | int > 80", ctx)
     assert not evaluate("steps.missing.output.text", ctx)
+
+
+def chat_step(**inp: Any) -> dict[str, Any]:
+    messages = inp.pop("messages", [{"role": "user", "content": "hi"}])
+    return {"id": "c", "kind": "chat", "model": "tiny-chat", "input": {"messages": messages, **inp}}
+
+
+FN = {"name": "f", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}
+
+
+@pytest.mark.parametrize(
+    ("inp", "loc", "says"),
+    [
+        ({"functions": [FN], "function_call": "g"}, ("steps", 0, "input"), "not one of functions"),
+        ({"function_call": "required"}, ("steps", 0, "input"), "needs functions"),
+        ({"functions": [FN, FN]}, ("steps", 0, "input"), "duplicate"),
+        (
+            {"functions": [FN], "tools": ["recent_history"], "user_id": "u"},
+            ("steps", 0, "input"),
+            "not both",
+        ),
+        (
+            {"functions": [FN], "response_format": {"type": "json_object"}},
+            ("steps", 0, "input"),
+            "function_call to 'none'",
+        ),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            ("steps", 0, "input", "messages", 0),
+            "tool_call_id",
+        ),
+        (
+            {"messages": [{"role": "user"}]},
+            ("steps", 0, "input", "messages", 0),
+            "content is required",
+        ),
+        (
+            {"response_format": {"type": "json_schema"}},
+            ("steps", 0, "input", "response_format"),
+            "needs json_schema",
+        ),
+        (
+            {"functions": [{"name": "f", "parameters": {"type": "array", "uniqueItems": True}}]},
+            ("steps", 0, "input", "functions", 0, "parameters", "uniqueItems"),
+            "not supported",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {"anyOf": [{"type": "string"}, {"type": "number", "minimum": 1}]},
+                    },
+                }
+            },
+            (
+                "steps",
+                0,
+                "input",
+                "response_format",
+                "json_schema",
+                "schema",
+                "anyOf",
+                1,
+                "minimum",
+            ),
+            "not supported",
+        ),
+    ],
+)
+def test_structured_chat_inputs_are_checked(
+    inp: dict[str, Any], loc: tuple[Any, ...], says: str
+) -> None:
+    (problem,) = errors({"name": "w", "steps": [chat_step(**inp)]})
+    assert tuple(problem["loc"]) == loc and says in problem["msg"], problem
+
+
+def test_tool_messages_need_no_conversation() -> None:
+    calls = [{"id": "1", "function": {"name": "f", "arguments": "{}"}}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "1", "content": "{}"},
+    ]
+    validate_workflow(
+        {"name": "w", "steps": [chat_step(messages=messages, functions=[FN])]}, CATALOG, Settings()
+    )
+    (problem,) = errors(
+        {"name": "w", "steps": [chat_step(messages=messages, conversation_id="0" * 32)]}
+    )
+    assert "without a conversation_id" in problem["msg"]
