@@ -300,7 +300,7 @@ def _wait_ready(stack: Stack, wanted: dict[str, int], timeout_s: float = 180.0) 
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}\n{stack.logs()}")
             try:
-                live = {m["name"]: m["workers"] for m in client.get("/v1/models").json()}
+                live = {m["name"]: m["workers"] for m in client.get("/v1/catalog").json()}
                 if all(live.get(m, 0) >= n for m, n in wanted.items()):
                     break
             except (httpx.HTTPError, ValueError, TypeError, KeyError):

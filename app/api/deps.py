@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
+import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from redis.exceptions import RedisError
@@ -68,6 +69,15 @@ async def _catalog(settings: Annotated[Settings, Depends(_settings)]) -> Catalog
     return load_catalog(settings.catalog_path)  # cached: a stat() unless the file changed
 
 
+async def _streams(request: Request) -> aioredis.Redis:
+    """This API process's asyncio Redis client, for reading workflows' event streams."""
+    client: aioredis.Redis | None = getattr(request.app.state, "streams", None)
+    if client is None:
+        url = get_settings().broker_url
+        client = request.app.state.streams = aioredis.Redis.from_url(url, socket_connect_timeout=5)
+    return client
+
+
 async def _finished(request: Request) -> FinishedListener:
     listener: FinishedListener = request.app.state.finished
     return listener
@@ -86,4 +96,5 @@ SessionDep = Annotated[Session, Depends(_session)]
 ApiKeyDep = Annotated[ApiKey, Depends(_api_key)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 FinishedDep = Annotated[FinishedListener, Depends(_finished)]
+StreamsDep = Annotated[aioredis.Redis, Depends(_streams)]
 MemoryDep = Annotated[Memory, Depends(_memory)]

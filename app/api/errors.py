@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from app.api.openai import convert
 from app.core.errors import (
     AuthError,
     ConflictError,
@@ -38,15 +40,42 @@ def status_for(exc: CorralError) -> int:
     return 500
 
 
-async def _handle(_request: Request, exc: Exception) -> JSONResponse:
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CorralError)
     status = status_for(exc)
-    if isinstance(exc, SpecError):
-        body: dict[str, object] = {"detail": [e.as_dict() for e in exc.errors]}
+    body: dict[str, object]
+    if openai_route(request.url.path):
+        status, body = _openai(exc, status, request.url.path)
+    elif isinstance(exc, SpecError):
+        body = {"detail": [e.as_dict() for e in exc.errors]}
     else:
         body = {"detail": str(exc)}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def openai_route(path: str) -> bool:
+    """Whether ``path`` is one of the OpenAI-compatible routes (their errors take
+    OpenAI's shape)."""
+    return path in _OPENAI_PATHS or path.startswith("/v1/models")
+
+
+_OPENAI_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+
+
+def _openai(exc: CorralError, status: int, path: str) -> tuple[int, dict[str, object]]:
+    if isinstance(exc, SpecError):
+        return convert.spec_error(exc, path)
+    if isinstance(exc, AuthError):
+        return 401, convert.error_body(str(exc), "invalid_request_error", None, "invalid_api_key")
+    if isinstance(exc, UnknownModelError):
+        return 404, convert.error_body(
+            str(exc), "invalid_request_error", "model", "model_not_found"
+        )
+    if isinstance(exc, ServiceUnavailable):
+        return 503, convert.error_body(str(exc), "server_error", None, "service_unavailable")
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    return status, convert.error_body(str(exc), type_, None, None)
 
 
 # How deep arrays and objects may nest in a request body. Far more than any real
@@ -92,6 +121,32 @@ def body_problem(data: object) -> tuple[Loc, str, str] | None:
                 if isinstance(key, str):
                     stack.append((loc, key, depth))
     return None
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The request's JSON body, refused past ``limit`` bytes before it is all read."""
+    too_big = SpecError.single(
+        ("body",),
+        f"request body is over the limit of {limit} bytes (CORRAL_MAX_BODY_BYTES)",
+        "body_too_large",
+    )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        raw = json.loads(b"".join(chunks) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise SpecError.single(("body",), f"body is not valid JSON: {exc}", "json_invalid") from exc
+    problem = body_problem(raw)
+    if problem is not None:
+        raise SpecError.single(*problem)
+    return raw
 
 
 async def valid_body(request: Request) -> None:

@@ -8,7 +8,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api import errors
-from app.api.routes import conversations, gpus, health, memory, metrics, models, workflows
+from app.api.routes import (
+    conversations,
+    gpus,
+    health,
+    memory,
+    metrics,
+    models,
+    openai_compat,
+    workflows,
+)
 from app.core.process import freeze_startup_objects
 from app.workflows.events import FinishedListener
 
@@ -18,6 +27,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     freeze_startup_objects()  # full collections then skip everything start-up made
     yield
     await app.state.finished.close()
+    streams = getattr(app.state, "streams", None)
+    if streams is not None:
+        await streams.aclose()
 
 
 def create_app() -> FastAPI:
@@ -30,6 +42,7 @@ def create_app() -> FastAPI:
     )
     app.state.finished = FinishedListener()  # wakes long-polling reads
     errors.install(app)
-    for module in (health, metrics, workflows, models, gpus, conversations, memory):
+    routers = (health, metrics, workflows, models, openai_compat, gpus, conversations, memory)
+    for module in routers:
         app.include_router(module.router)
     return app

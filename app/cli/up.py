@@ -144,7 +144,7 @@ def _wait_ready(sup: Supervisor, api: httpx.Client, models: list[str], timeout_s
         sup.check()
         try:
             if api.get("/readyz").status_code == 200:
-                live = {m["name"]: m["workers"] for m in api.get("/v1/models").json()}
+                live = {m["name"]: m["workers"] for m in api.get("/v1/catalog").json()}
                 if all(live.get(m, 0) > 0 for m in models):
                     return
         except httpx.HTTPError:

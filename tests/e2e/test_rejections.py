@@ -179,7 +179,7 @@ def test_every_v1_route_needs_a_key(platform: Platform) -> None:
     spec = {"name": "x", "steps": [step()]}
     before = _count(platform)
     with httpx.Client(base_url=platform.url) as anon:
-        assert anon.get("/v1/models").status_code == 401
+        assert anon.get("/v1/catalog").status_code == 401
         assert anon.post("/v1/workflows", json=spec).status_code == 401
         wrong = anon.post(
             "/v1/workflows", json=spec, headers={"Authorization": "Bearer crl_0000_nope"}
@@ -196,15 +196,15 @@ def test_a_revoked_key_is_refused_within_the_key_cache_time(platform: Platform) 
     with db.session_scope(write=True) as session:
         row, key = keys.create_key(session, "short-lived")
     with httpx.Client(base_url=platform.url, headers={"Authorization": f"Bearer {key}"}) as c:
-        assert c.get("/v1/models").status_code == 200  # verified, and now remembered
+        assert c.get("/v1/catalog").status_code == 200  # verified, and now remembered
         with db.session_scope(write=True) as session:
             keys.revoke_key(session, row.prefix)
         revoked_at = time.monotonic()
         ttl = platform.settings.api_key_cache_s
-        while c.get("/v1/models").status_code == 200:
+        while c.get("/v1/catalog").status_code == 200:
             assert time.monotonic() - revoked_at < ttl + 3, "a revoked key kept working"
             time.sleep(0.1)
-        refused = c.get("/v1/models")
+        refused = c.get("/v1/catalog")
         assert refused.status_code == 401
         assert refused.json()["detail"] == "invalid API key"
 

@@ -307,7 +307,7 @@ def test_list_filters_and_pages(platform: Platform) -> None:
 
 
 def test_models_health_and_docs(platform: Platform) -> None:
-    models = {m["name"]: m for m in platform.client.get("/v1/models").json()}
+    models = {m["name"]: m for m in platform.client.get("/v1/catalog").json()}
     assert models["tiny-chat"]["present"] and models["tiny-chat"]["workers"] >= 2
     assert models["tiny-embed"]["queue"] == "model.tiny-embed"
     assert models["qwen2.5-7b"]["present"] is False

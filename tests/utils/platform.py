@@ -122,7 +122,7 @@ def start_platform(
                 plat.stop()
                 raise RuntimeError(f"{name} exited with {proc.returncode}\n{plat.logs()}")
         try:
-            models = {m["name"]: m["workers"] for m in client.get("/v1/models").json()}
+            models = {m["name"]: m["workers"] for m in client.get("/v1/catalog").json()}
             if all(models.get(m, 0) >= n for m, n in workers.items()):
                 return plat
         except (httpx.HTTPError, ValueError, TypeError):

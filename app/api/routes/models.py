@@ -1,4 +1,5 @@
-"""The model catalog, with which files are present and which pools are live."""
+"""The model catalog, with which files are present and which pools are live (OpenAI's
+model list is ``/v1/models``, in :mod:`app.api.routes.openai_compat`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from app.api.deps import ApiKeyDep, CatalogDep, SettingsDep
 from app.scheduler import live
 from app.workflows.schemas import ModelPublic
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/catalog", tags=["models"])
 
 
 @router.get("", response_model=list[ModelPublic])

@@ -5,19 +5,22 @@ Each route translates HTTP to :mod:`app.workflows.service` and back.
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
-from app.api.deps import ApiKeyDep, CatalogDep, FinishedDep, SettingsDep
-from app.api.errors import body_problem
+from app.api.deps import ApiKeyDep, CatalogDep, FinishedDep, SettingsDep, StreamsDep
+from app.api.errors import read_json_body
+from app.api.openai import relay
 from app.core.errors import SpecError
 from app.store.tables import WorkflowStatus
 from app.workflows import events, service
 from app.workflows.schemas import WorkflowAccepted, WorkflowPage, WorkflowPublic, WorkflowSummary
 from app.workflows.spec import WorkflowSpec
+from app.workflows.streams import Delta
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
@@ -36,32 +39,6 @@ _WAIT_S = Annotated[
         "seconds with its current state.",
     ),
 ]
-
-
-async def _read_body(request: Request, limit: int) -> Any:
-    """The request's JSON body, refused past ``limit`` bytes before it is all read."""
-    too_big = SpecError.single(
-        ("body",),
-        f"request body is over the limit of {limit} bytes (CORRAL_MAX_BODY_BYTES)",
-        "body_too_large",
-    )
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    try:
-        raw = json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise SpecError.single(("body",), f"body is not valid JSON: {exc}", "json_invalid") from exc
-    problem = body_problem(raw)
-    if problem is not None:
-        raise SpecError.single(*problem)
-    return raw
 
 
 @router.post(
@@ -97,7 +74,7 @@ async def submit_workflow(
     different body is a 409. With ``wait_s`` the request also waits for the end, as
     ``GET …?wait_s=`` does: ``200`` once it has ended, ``202`` while it still runs.
     """
-    raw = await _read_body(request, settings.max_body_bytes)
+    raw = await read_json_body(request, settings.max_body_bytes)
     submitted = await run_in_threadpool(
         lambda: service.submit(
             raw,
@@ -132,6 +109,56 @@ async def get_workflow(
     if wait_s <= 0:
         return await run_in_threadpool(service.read, workflow_id, key.id)
     return await service.wait_for_end(finished, workflow_id, key.id, wait_s)
+
+
+@router.get(
+    "/{workflow_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def workflow_events(
+    workflow_id: str, key: ApiKeyDep, streams: StreamsDep
+) -> StreamingResponse:
+    """A workflow as Server-Sent Events, from its start to its end: ``step`` (a step's
+    status and attempts, first as they are, then on each change), ``delta`` (text a step
+    generated, as the model decodes it) and, last, ``workflow`` (its final status). A
+    reader that connects late, or again, gets every delta from the first."""
+    view = await run_in_threadpool(service.read, workflow_id, key.id)  # 404 before streaming
+
+    async def events() -> AsyncIterator[bytes]:
+        seen: dict[str, tuple[str, int]] = {}
+
+        def changed(view: WorkflowPublic) -> Iterator[bytes]:
+            for step in view.steps:
+                state = (str(step.status), step.attempts)
+                if seen.get(step.id) != state:
+                    seen[step.id] = state
+                    yield relay.sse(
+                        {
+                            "step_id": step.id,
+                            "status": step.status,
+                            "attempts": step.attempts,
+                            "error": step.error,
+                        },
+                        "step",
+                    )
+
+        for event in changed(view):
+            yield event
+        step_ids = [s.id for s in view.steps]
+        async for item in relay.follow(streams, workflow_id, step_ids, key.id):
+            if isinstance(item, Delta):
+                data = {"step_id": item.step_id, "attempt": item.attempt, "text": item.text}
+                yield relay.sse(data, "delta")
+                continue
+            for event in changed(item):
+                yield event
+            if item.status.terminal:
+                yield relay.sse(
+                    {"id": item.id, "status": item.status, "error": item.error}, "workflow"
+                )
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 @router.get("", response_model=WorkflowPage)

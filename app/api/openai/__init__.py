@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: request shapes, conversion to workflows, and the relay."""
