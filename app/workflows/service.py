@@ -223,6 +223,6 @@ def fail_step(step_run_id: str, attempt: int, error: str, *, retryable: bool) ->
 
 def _after_commit(outcome: Outcome) -> None:
     dispatch.send(outcome.dispatches)
-    streams.note_change(outcome.workflow_id)
+    streams.note_change(outcome.workflow_id, ended=outcome.finished)
     if outcome.finished:
         events.publish_finished(outcome.workflow_id)

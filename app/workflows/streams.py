@@ -5,7 +5,7 @@ and after every commit that changes a workflow a tick goes on the workflow's cha
 stream::
 
     worker: decode ── DeltaWriter ──> XADD corral:tokens:<workflow>:<step>  {a: attempt, t: text}
-    any commit ──── note_change ───> XADD corral:changes:<workflow>        {c: 1}
+    any commit ──── note_change ───> XADD corral:changes:<workflow>        {e: ended}
     API: XREAD BLOCK on both ──> read the workflow when it changed ──> relay to the client
 
 Streams keep their entries (for :data:`Settings.stream_ttl_s` after the last one), so a
@@ -46,13 +46,14 @@ def changes_key(workflow_id: str) -> str:
     return CHANGES_KEY.format(workflow_id=workflow_id)
 
 
-def note_change(workflow_id: str) -> None:
-    """Tick ``workflow_id``'s change stream (call after the commit). Never raises: a lost
-    tick only makes readers notice at their next read."""
+def note_change(workflow_id: str, *, ended: bool = False) -> None:
+    """Tick ``workflow_id``'s change stream (call after the commit); ``ended`` when the
+    commit ended it. Never raises: a lost tick only makes readers notice at their next
+    read."""
     try:
         pipe = get_redis().pipeline(transaction=False)
         key = changes_key(workflow_id)
-        pipe.xadd(key, {"c": 1}, maxlen=_CHANGES_KEPT, approximate=True)
+        pipe.xadd(key, {"e": int(ended)}, maxlen=_CHANGES_KEPT, approximate=True)
         pipe.expire(key, get_settings().stream_ttl_s)
         pipe.execute()
     except (RedisError, OSError, ConfigError) as exc:
@@ -132,13 +133,23 @@ class Delta:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class Read:
+    """What one read of the streams found: new deltas, whether the workflow changed, and
+    whether a change ended it."""
+
+    deltas: list[Delta]
+    changed: bool = False
+    ended: bool = False
+
+
 @dataclass
 class Follower:
     """Reads a workflow's change ticks and its steps' token streams, from their start.
 
-    :meth:`next` blocks until something arrives (or ``block_s`` passes) and returns the
-    new deltas and whether the workflow changed. Readers call it in a loop, reading the
-    workflow from the database whenever it says so.
+    :meth:`next` blocks until something arrives (or ``block_s`` passes) and returns what
+    came. Readers call it in a loop, reading the workflow from the database when it
+    changed (or only when it ended, if that is all they need).
     """
 
     client: aioredis.Redis
@@ -154,19 +165,19 @@ class Follower:
             self._ids[key] = "0-0"
             self._steps[key] = step_id
 
-    async def next(self, block_s: float) -> tuple[list[Delta], bool]:
-        """New deltas and whether a change tick came, waiting up to ``block_s``."""
+    async def next(self, block_s: float) -> Read:
+        """New deltas and change ticks, waiting up to ``block_s`` for the first."""
         reply = await self.client.xread(self._ids, block=max(1, int(block_s * 1000)))
         return self._take(reply)
 
     async def drain(self) -> list[Delta]:
         """Every delta already written and not yet returned, without waiting."""
         reply = await self.client.xread({k: v for k, v in self._ids.items() if k in self._steps})
-        return self._take(reply)[0]
+        return self._take(reply).deltas
 
-    def _take(self, reply: Any) -> tuple[list[Delta], bool]:
+    def _take(self, reply: Any) -> Read:
         deltas: list[Delta] = []
-        changed = False
+        changed = ended = False
         for raw_key, entries in _streams(reply):
             key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
             if not entries:
@@ -174,11 +185,12 @@ class Follower:
             self._ids[key] = _text(entries[-1][0])
             if key == self._changes:
                 changed = True
+                ended = ended or any(_field(fields, "e") == "1" for _id, fields in entries)
                 continue
             step_id = self._steps[key]
             for _entry_id, fields in entries:
                 deltas.append(Delta(step_id, int(_field(fields, "a") or 0), _field(fields, "t")))
-        return deltas, changed
+        return Read(deltas, changed, ended)
 
 
 def _streams(reply: Any) -> list[tuple[Any, list[Any]]]:

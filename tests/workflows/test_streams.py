@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from app.core.config import Settings, get_settings
 from app.workflows import streams
-from app.workflows.streams import Delta, DeltaWriter, Follower
+from app.workflows.streams import Delta, DeltaWriter, Follower, Read
 
 
 def test_the_first_piece_goes_at_once_and_later_ones_together(isolated: Settings) -> None:
@@ -49,18 +49,21 @@ def test_a_late_reader_gets_every_delta_and_the_change_ticks(isolated: Settings)
     DeltaWriter("wf-c", "two", attempt=2, client=client)("x")
     streams.note_change("wf-c")
 
-    async def read() -> tuple[list[Delta], bool, list[Delta], float]:
+    async def read() -> tuple[Read, Read, float, Read]:
         reader = aioredis.Redis.from_url(isolated.broker_url)
         follower = Follower(reader, "wf-c", ["one", "two"])
-        deltas, changed = await follower.next(1.0)
+        got = await follower.next(1.0)
         started = time.monotonic()
-        more, _ = await follower.next(0.2)  # nothing new: waits, then returns empty
+        more = await follower.next(0.2)  # nothing new: waits, then returns empty
         waited = time.monotonic() - started
+        streams.note_change("wf-c", ended=True)
+        last = await follower.next(1.0)
         await reader.aclose()
-        return deltas, changed, more, waited
+        return got, more, waited, last
 
-    deltas, changed, more, waited = asyncio.run(read())
-    assert changed
+    got, more, waited, last = asyncio.run(read())
+    assert got.changed and not got.ended
+    deltas = got.deltas
     assert [(d.step_id, d.attempt, d.text) for d in deltas if d.step_id == "one"] == [
         ("one", 1, "a"),
         ("one", 1, "b"),
@@ -69,7 +72,8 @@ def test_a_late_reader_gets_every_delta_and_the_change_ticks(isolated: Settings)
     assert [(d.step_id, d.attempt, d.text) for d in deltas if d.step_id == "two"] == [
         ("two", 2, "x")
     ]
-    assert more == [] and waited >= 0.15
+    assert more == Read([]) and waited >= 0.15
+    assert last == Read([], changed=True, ended=True)
 
 
 def test_a_reader_wakes_on_a_delta_written_while_it_waits(isolated: Settings) -> None:
@@ -83,7 +87,7 @@ def test_a_reader_wakes_on_a_delta_written_while_it_waits(isolated: Settings) ->
             return time.monotonic()
 
         writing = asyncio.create_task(write_soon())
-        deltas, _ = await follower.next(5.0)
+        deltas = (await follower.next(5.0)).deltas
         woke = time.monotonic() - await writing
         await reader.aclose()
         return deltas, woke

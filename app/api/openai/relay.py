@@ -27,27 +27,39 @@ from redis.exceptions import RedisError
 from app.core.errors import CorralError
 from app.workflows import events, service
 from app.workflows.schemas import WorkflowPublic
-from app.workflows.streams import Delta, Follower
+from app.workflows.streams import Delta, Follower, Read
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 async def follow(
-    client: aioredis.Redis, workflow_id: str, step_ids: list[str], api_key_id: int | None
+    client: aioredis.Redis,
+    workflow_id: str,
+    step_ids: list[str],
+    api_key_id: int | None,
+    *,
+    every_change: bool = False,
 ) -> AsyncIterator[Delta | WorkflowPublic]:
-    """The workflow's deltas and its state after each change, until it has ended."""
+    """The workflow's deltas, and its state when it ended (with ``every_change``, after
+    each change too), until it has ended.
+
+    Without ``every_change`` the database is read when a tick says the workflow ended,
+    or when nothing came for :data:`events.RECHECK_S` (a lost tick): not while a step
+    is starting or generating.
+    """
     follower = Follower(client, workflow_id, step_ids)
     while True:
         try:
-            deltas, changed = await follower.next(events.RECHECK_S)
+            got = await follower.next(events.RECHECK_S)
         except (RedisError, OSError) as exc:
             log.warning("cannot read the events of %s, reading the database: %s", workflow_id, exc)
             await asyncio.sleep(events.RECHECK_S)
-            deltas, changed = [], True
-        for delta in deltas:
+            got = Read([], changed=True, ended=True)
+        for delta in got.deltas:
             yield delta
-        if changed or not deltas:  # a change, or nothing for a while: read it again
+        quiet = not got.deltas and not got.changed
+        if got.ended or quiet or (every_change and got.changed):
             view = await anyio.to_thread.run_sync(service.read, workflow_id, api_key_id)
             if view.status.terminal:
                 with contextlib.suppress(RedisError, OSError):
@@ -55,7 +67,8 @@ async def follow(
                         yield delta
                 yield view
                 return
-            yield view
+            if every_change:
+                yield view
 
 
 def missing_text(sent: str, final: str) -> str:

@@ -146,7 +146,7 @@ async def workflow_events(
         for event in changed(view):
             yield event
         step_ids = [s.id for s in view.steps]
-        async for item in relay.follow(streams, workflow_id, step_ids, key.id):
+        async for item in relay.follow(streams, workflow_id, step_ids, key.id, every_change=True):
             if isinstance(item, Delta):
                 data = {"step_id": item.step_id, "attempt": item.attempt, "text": item.text}
                 yield relay.sse(data, "delta")
