@@ -84,13 +84,14 @@ def through_corral(
         "stream_options": {"include_usage": True},
     }
     started = time.perf_counter()
-    first = last = 0.0
+    accepted = first = last = 0.0
     usage: dict[str, int] = {}
     with http.stream("POST", "/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith("data: {"):
                 continue
+            accepted = accepted or time.perf_counter()  # the role chunk: submitted
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]
@@ -98,6 +99,7 @@ def through_corral(
                 last = time.perf_counter()
                 first = first or last
     return {
+        "accepted_ms": (accepted - started) * 1000,
         "ttft_ms": (first - started) * 1000,
         "decode_s": last - first,
         "tokens": float(usage.get("completion_tokens", 0)),
@@ -224,6 +226,8 @@ def table(result: dict[str, Any]) -> str:
         "|---|---|---|---|",
         f"| time to first token, ms | {med(c_ttft):.2f} | {med(l_ttft):.2f} | "
         f"+{added_med:.2f} ms (p95 {stats.pct(added, 95):.2f}) |",
+        f"| of which: request accepted (the role chunk), ms | "
+        f"{med([r['corral']['accepted_ms'] for r in rows]):.2f} | | |",
         f"| tokens/s after the first | {med(c_tps):.1f} | {med(l_tps):.1f} | "
         f"{med(c_tps) / med(l_tps):.3f}× |",
         "",

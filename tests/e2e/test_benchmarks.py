@@ -138,3 +138,32 @@ def test_the_runtime_cost_comparison_runs_and_both_sides_agree() -> None:
     rows = table_rows("benchmarks.runtime_cost", "--tokens", "8,300", "--n", "3", timeout_s=300)
     assert [r[0] for r in rows] == ["8", "300"]
     assert all(r[-1] == "yes" for r in rows)
+
+
+def test_the_streaming_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "streaming.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.streaming",
+            "--n",
+            "2",
+            "--max-tokens",
+            "8",
+            "--json",
+            str(out),
+        ],
+        cwd=PACKAGE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "time to first token, ms" in done.stdout and "added time to first token" in done.stdout
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 2 and result["machine"]["cpu"]
+    for row in result["rows"]:
+        assert row["corral"]["tokens"] > 0  # the usage chunk came
+        assert row["corral"]["ttft_ms"] >= row["corral"]["accepted_ms"] > 0
+        assert row["local"]["ttft_ms"] > 0
