@@ -19,16 +19,13 @@ import httpx
 import jsonschema_rs
 import openai
 import pytest
-import redis
 from openai import AsyncOpenAI, OpenAI
 
 from app.core.config import Settings, use_settings
-from app.store.migrate import upgrade
 from models.catalog import load_catalog
-from models.pull import packaged_file, pull
-from models.tiny import make_tiny
+from models.pull import packaged_file
 from tests.utils.databases import with_database
-from tests.utils.platform import Platform, start_platform
+from tests.utils.platform import Platform, module_settings, start_platform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -45,18 +42,8 @@ def oai_settings(
     redis_base_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
     root = tmp_path_factory.mktemp("openai")
-    models = root / "models"
-    make_tiny(models, ["tiny-chat", "tiny-embed"])
-    if CHAT == REAL:
-        pull(CATALOG.get(REAL), models, progress=False)
-    url = f"sqlite:///{root / 'corral.db'}"
-    upgrade(url)
-    redis_url = with_database(redis_base_url, REDIS_DB)
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
-    s = Settings(database_url=url, redis_url=redis_url, models_dir=models, data_dir=root / "data")
-    with use_settings(s):
+    pulled = [REAL] if CHAT == REAL else []
+    with use_settings(module_settings(root, with_database(redis_base_url, REDIS_DB), pulled)) as s:
         yield s
 
 

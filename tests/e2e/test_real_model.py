@@ -12,18 +12,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from llama_cpp import Llama
 
 from app.core.config import Settings, use_settings
-from app.store.migrate import upgrade
 from app.workflows.spec import validate_workflow
 from app.workflows.tokens import count_tokens
 from models.catalog import CatalogEntry, load_catalog
-from models.pull import packaged_file, pull
-from models.tiny import make_tiny
+from models.pull import packaged_file
 from tests.utils.databases import with_database
-from tests.utils.platform import Platform, start_platform
+from tests.utils.platform import Platform, module_settings, start_platform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -44,17 +41,9 @@ def real_settings(
     entry: CatalogEntry, redis_base_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
     root = tmp_path_factory.mktemp("real-model")
-    models = root / "models"
-    pull(entry, models, progress=False)
-    make_tiny(models, ["tiny-embed"])
-    url = f"sqlite:///{root / 'corral.db'}"
-    upgrade(url)
-    redis_url = with_database(redis_base_url, REDIS_DB)
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    client.close()
-    s = Settings(database_url=url, redis_url=redis_url, models_dir=models, data_dir=root / "data")
-    with use_settings(s):
+    with use_settings(
+        module_settings(root, with_database(redis_base_url, REDIS_DB), [entry.name])
+    ) as s:
         yield s
 
 

@@ -131,3 +131,27 @@ def start_platform(
             plat.stop()
             raise RuntimeError(f"platform not ready in 90 s\n{plat.logs()}")
         time.sleep(0.2)
+
+
+def module_settings(root: Path, redis_url: str, pulled: list[str]) -> Settings:
+    """Settings of a platform of its own: SQLite under ``root`` (migrated), the Redis
+    database ``redis_url`` (emptied), the tiny models and the catalog models ``pulled``."""
+    import redis
+
+    from app.store.migrate import upgrade
+    from models.catalog import load_catalog
+    from models.pull import pull
+    from models.tiny import make_tiny
+
+    models = root / "models"
+    make_tiny(models, ["tiny-chat", "tiny-embed"])
+    for name in pulled:
+        pull(load_catalog().get(name), models, progress=False)
+    url = f"sqlite:///{root / 'corral.db'}"
+    upgrade(url)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    return Settings(
+        database_url=url, redis_url=redis_url, models_dir=models, data_dir=root / "data"
+    )

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import jsonschema_rs
-import pytest
 
 from app.workflows.spec import ChatInput, GenerateInput
-from models.catalog import load_catalog
 from workers.runtime import LlamaCppRuntime, RunControl
-
-CATALOG = load_catalog()
-
-
-@pytest.fixture(scope="module")
-def chat(models_dir: Path) -> Iterator[LlamaCppRuntime]:
-    rt = LlamaCppRuntime(CATALOG.get("tiny-chat"), models_dir / "tiny-chat.gguf")
-    yield rt
-    rt.close()
 
 
 def chat_input(**kw: object) -> dict[str, object]:
@@ -28,34 +15,34 @@ def chat_input(**kw: object) -> dict[str, object]:
     return ChatInput.model_validate({"messages": messages, "temperature": 0, **kw}).model_dump()
 
 
-def test_streamed_pieces_join_to_the_text(chat: LlamaCppRuntime) -> None:
+def test_streamed_pieces_join_to_the_text(runtime: LlamaCppRuntime) -> None:
     pieces: list[str] = []
     inp = GenerateInput.model_validate(
         {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
     ).model_dump()
-    out = chat.generate(inp, RunControl(on_text=pieces.append))
+    out = runtime.generate(inp, RunControl(on_text=pieces.append))
     assert "".join(pieces) == out["text"] and len(pieces) > 10
     # A chat streams the same way, and the same call without a listener gives the same text.
     pieces.clear()
-    streamed = chat.chat(chat_input(max_tokens=40), RunControl(on_text=pieces.append))
+    streamed = runtime.chat(chat_input(max_tokens=40), RunControl(on_text=pieces.append))
     assert (
         "".join(pieces)
         == streamed["text"]
-        == chat.chat(chat_input(max_tokens=40), RunControl())["text"]
+        == runtime.chat(chat_input(max_tokens=40), RunControl())["text"]
     )
 
 
-def test_a_stop_sequence_is_never_streamed(chat: LlamaCppRuntime) -> None:
+def test_a_stop_sequence_is_never_streamed(runtime: LlamaCppRuntime) -> None:
     """A piece that might begin a stop sequence waits until it is known not to: the
     pieces are the text llama.cpp cut at the stop, nothing of the stop itself."""
     base = GenerateInput.model_validate(
         {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
     ).model_dump()
-    full = chat.generate(base, RunControl())["text"]
+    full = runtime.generate(base, RunControl())["text"]
     words = full.split()
     stop = " ".join(words[5:7])  # two words from the middle, spanning tokens
     pieces: list[str] = []
-    out = chat.generate({**base, "stop": [stop]}, RunControl(on_text=pieces.append))
+    out = runtime.generate({**base, "stop": [stop]}, RunControl(on_text=pieces.append))
     assert out["text"] == full[: full.index(stop)]
     assert "".join(pieces) == out["text"]
     assert all(stop not in "".join(pieces[: i + 1]) for i in range(len(pieces)))
@@ -73,12 +60,12 @@ SCHEMA = {
 }
 
 
-def test_a_json_schema_answer_validates(chat: LlamaCppRuntime) -> None:
+def test_a_json_schema_answer_validates(runtime: LlamaCppRuntime) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
-    out = chat.chat(chat_input(max_tokens=120, response_format=fmt), RunControl())
+    out = runtime.chat(chat_input(max_tokens=120, response_format=fmt), RunControl())
     assert out["finish_reason"] == "stop"
     jsonschema_rs.validate(SCHEMA, json.loads(out["text"]))
-    obj = chat.chat(
+    obj = runtime.chat(
         chat_input(max_tokens=120, response_format={"type": "json_object"}), RunControl()
     )
     if obj["finish_reason"] == "stop":
@@ -98,9 +85,9 @@ LOOKUP = {
 NOW = {"name": "now", "parameters": {"type": "object", "properties": {}}}
 
 
-def test_a_forced_call_is_a_valid_call(chat: LlamaCppRuntime) -> None:
+def test_a_forced_call_is_a_valid_call(runtime: LlamaCppRuntime) -> None:
     for choice in ("required", "lookup", "now"):
-        out = chat.chat(
+        out = runtime.chat(
             chat_input(max_tokens=80, functions=[LOOKUP, NOW], function_call=choice),
             RunControl(),
         )
@@ -112,7 +99,7 @@ def test_a_forced_call_is_a_valid_call(chat: LlamaCppRuntime) -> None:
         jsonschema_rs.validate(schema["parameters"], json.loads(call["arguments"]))
 
 
-def test_function_call_none_and_earlier_calls_in_the_messages(chat: LlamaCppRuntime) -> None:
+def test_function_call_none_and_earlier_calls_in_the_messages(runtime: LlamaCppRuntime) -> None:
     messages = [
         {"role": "user", "content": "Look up 'sea'."},
         {
@@ -127,11 +114,11 @@ def test_function_call_none_and_earlier_calls_in_the_messages(chat: LlamaCppRunt
         },
         {"role": "tool", "tool_call_id": "call_1", "content": '{"meaning": "salt water"}'},
     ]
-    out = chat.chat(
+    out = runtime.chat(
         chat_input(messages=messages, max_tokens=12, functions=[LOOKUP], function_call="none"),
         RunControl(),
     )
     assert "function_calls" not in out and out["finish_reason"] in ("stop", "length")
     # The earlier call and its result reached the prompt, written as plain turns.
-    bare = chat.chat(chat_input(messages=messages[:1], max_tokens=12), RunControl())
+    bare = runtime.chat(chat_input(messages=messages[:1], max_tokens=12), RunControl())
     assert out["prompt_tokens"] > bare["prompt_tokens"] + 10
