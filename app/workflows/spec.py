@@ -34,12 +34,13 @@ from app.core.config import Settings
 from app.core.errors import FieldError, SpecError, UnknownModelError
 from app.memory.keys import CONVERSATION_ID_PATTERN, USER_ID_PATTERN
 from app.memory.options import TOOL_NAMES, MemoryOptions, ToolChoice, ToolName
+from app.workflows import structured
 from app.workflows.structured import (
     FUNCTION_NAME_PATTERN,
     FunctionDef,
     ResponseFormat,
     ToolCall,
-    schema_problem,
+    schema_problems,
 )
 from app.workflows.templating import (
     Reference,
@@ -172,21 +173,9 @@ class ChatInput(SamplingParams):
         return self
 
     def _check_functions(self) -> None:
-        names = [f.name for f in self.functions]
-        if len(set(names)) != len(names):
-            raise ValueError("functions have duplicate names")
-        if self.function_call not in ("auto", "none", "required", *names):
-            raise ValueError(f"function_call {self.function_call!r} is not one of functions")
-        if self.function_call == "required" and not self.functions:
-            raise ValueError("function_call 'required' needs functions")
+        structured.check_calls(self.functions, self.function_call, self.response_format)
         if self.functions and self.tools:
             raise ValueError("give memory tools or functions, not both")
-        structured = self.response_format is not None and self.response_format.type != "text"
-        if structured and self.functions and self.function_call != "none":
-            raise ValueError(
-                "response_format json_object or json_schema cannot be combined with functions "
-                "the model may call; set function_call to 'none'"
-            )
         if self.conversation_id is not None and any(
             m.role == "tool" or m.tool_calls for m in self.messages
         ):
@@ -416,8 +405,6 @@ def _check_input(
         )
     elif entry is not None and isinstance(parsed, SamplingParams):
         errors.extend(_check_context(loc, parsed, entry, n_ctx, static_text, count_tokens))
-    if isinstance(parsed, ChatInput):
-        errors.extend(_check_schemas(loc, parsed))
     elif entry is not None and isinstance(parsed, EmbedInput) and count_tokens is not None:
         for j, text in enumerate(parsed.texts):
             n = count_tokens(entry, text) if not has_template(text) else None
@@ -429,25 +416,11 @@ def _check_input(
                         "prompt_too_long",
                     )
                 )
-    return errors
-
-
-def _check_schemas(loc: tuple[str | int, ...], params: ChatInput) -> list[FieldError]:
-    """Every JSON schema a chat step gives must convert to a grammar."""
-    found: list[tuple[tuple[str | int, ...], dict[str, Any]]] = []
-    fmt = params.response_format
-    if fmt is not None and fmt.json_schema is not None:
-        found.append((("response_format", "json_schema", "schema"), fmt.json_schema.schema_))
-    if params.function_call != "none":
-        found += [
-            (("functions", i, "parameters"), f.parameters) for i, f in enumerate(params.functions)
+    if isinstance(parsed, ChatInput):
+        problems = schema_problems(parsed.response_format, parsed.functions, parsed.function_call)
+        errors += [
+            FieldError((*loc, "input", *where), msg, "json_schema") for where, msg in problems
         ]
-    errors = []
-    for path, schema in found:
-        problem = schema_problem(schema)
-        if problem is not None:
-            where, msg = problem
-            errors.append(FieldError((*loc, "input", *path, *where), msg, "json_schema"))
     return errors
 
 

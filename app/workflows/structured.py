@@ -81,6 +81,23 @@ class ToolCall(_Strict):
     function: FunctionCall
 
 
+def check_calls(functions: list[FunctionDef], choice: str, fmt: ResponseFormat | None) -> None:
+    """Raise ValueError, saying why, when ``function_call`` (``choice``) does not fit the
+    ``functions`` or the ``response_format``."""
+    names = [f.name for f in functions]
+    if len(set(names)) != len(names):
+        raise ValueError("functions have duplicate names")
+    if choice not in ("auto", "none", "required", *names):
+        raise ValueError(f"function_call {choice!r} is not one of functions")
+    if choice == "required" and not functions:
+        raise ValueError("function_call 'required' needs functions")
+    if fmt is not None and fmt.type != "text" and functions and choice != "none":
+        raise ValueError(
+            "response_format json_object or json_schema cannot be combined with functions "
+            "the model may call; set function_call to 'none'"
+        )
+
+
 def schema_grammar(schema: dict[str, Any]) -> str:
     """GBNF admitting exactly the JSON documents valid under ``schema``.
 
@@ -161,6 +178,25 @@ def schema_problem(schema: dict[str, Any]) -> tuple[tuple[str | int, ...], str] 
     except Exception as exc:  # the converter raises whatever its parsing hits
         return (), f"cannot build a grammar from this JSON schema: {type(exc).__name__}: {exc}"
     return None
+
+
+def schema_problems(
+    fmt: ResponseFormat | None, functions: list[FunctionDef], function_call: str
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every JSON schema of a chat step's input that cannot constrain an answer, as
+    (its place in the input, why)."""
+    found: list[tuple[tuple[str | int, ...], dict[str, Any]]] = []
+    if fmt is not None and fmt.json_schema is not None:
+        found.append((("response_format", "json_schema", "schema"), fmt.json_schema.schema_))
+    if function_call != "none":
+        found += [(("functions", i, "parameters"), f.parameters) for i, f in enumerate(functions)]
+    out = []
+    for path, schema in found:
+        problem = schema_problem(schema)
+        if problem is not None:
+            where, msg = problem
+            out.append(((*path, *where), msg))
+    return out
 
 
 def response_grammar(fmt: ResponseFormat | None) -> str | None:

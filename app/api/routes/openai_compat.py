@@ -250,6 +250,31 @@ def _chunker(
 # --- the endpoints ----------------------------------------------------------------------
 
 
+async def _reply(
+    request: Request,
+    streams: StreamsDep,
+    key_id: int | None,
+    workflow_id: str,
+    req: ChatRequest | CompletionRequest,
+    kind: str,
+    hold: bool = False,
+) -> Response:
+    """A completion's answer: streamed as SSE chunks, or whole once the step has ended."""
+    if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        chunk = _chunker(kind, workflow_id, req.model, usage)
+        return _stream(streams, workflow_id, key_id, chunk, hold, usage)
+    created = convert.now()
+    respond = convert.chat_response if kind == "chat" else convert.completion_response
+    return await _answer(
+        request,
+        streams,
+        workflow_id,
+        key_id,
+        lambda step: respond(workflow_id, req.model, created, step),
+    )
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     request: Request,
@@ -264,19 +289,8 @@ async def chat_completions(
     workflow_id = await _submit(
         lambda: _with_room(convert.chat_workflow(req), catalog), settings, catalog, key.id
     )
-    if req.stream:
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        calling = bool(req.tools) and req.tool_choice != "none"
-        chunk = _chunker("chat", workflow_id, req.model, usage)
-        return _stream(streams, workflow_id, key.id, chunk, calling, usage)
-    created = convert.now()
-    return await _answer(
-        request,
-        streams,
-        workflow_id,
-        key.id,
-        lambda step: convert.chat_response(workflow_id, req.model, created, step),
-    )
+    calling = bool(req.tools) and req.tool_choice != "none"
+    return await _reply(request, streams, key.id, workflow_id, req, "chat", hold=calling)
 
 
 @router.post("/completions", response_model=None)
@@ -290,18 +304,7 @@ async def completions(
     """OpenAI's (legacy) text completions: a ``generate`` step."""
     req = convert.parse(CompletionRequest, await read_json_body(request, settings.max_body_bytes))
     workflow_id = await _submit(lambda: convert.completion_workflow(req), settings, catalog, key.id)
-    if req.stream:
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunk = _chunker("completion", workflow_id, req.model, usage)
-        return _stream(streams, workflow_id, key.id, chunk, False, usage)
-    created = convert.now()
-    return await _answer(
-        request,
-        streams,
-        workflow_id,
-        key.id,
-        lambda step: convert.completion_response(workflow_id, req.model, created, step),
-    )
+    return await _reply(request, streams, key.id, workflow_id, req, "completion")
 
 
 @router.post("/embeddings", response_model=None)
