@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from sqlmodel import Session
 
 from app.core.config import Settings, get_settings
-from app.core.errors import AuthError, ServiceUnavailable
+from app.core.errors import AuthError, ForbiddenError, ServiceUnavailable
 from app.memory.service import Memory, get_memory
 from app.store import db, keys
 from app.store.tables import ApiKey
@@ -57,6 +57,15 @@ async def _api_key(request: Request) -> ApiKey:
     return row
 
 
+async def _admin_key(key: Annotated[ApiKey, Depends(_api_key)]) -> ApiKey:
+    if not key.admin:
+        raise ForbiddenError(
+            f"key {key.prefix!r} is not an admin key: governance changes need one "
+            "(`corral keys create NAME --admin`)"
+        )
+    return key
+
+
 # The dependencies below never block, so they are ``async``: FastAPI runs a plain ``def``
 # dependency in its thread pool, a hop that costs more than these bodies.
 
@@ -94,6 +103,7 @@ def _memory() -> Iterator[Memory]:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
 ApiKeyDep = Annotated[ApiKey, Depends(_api_key)]
+AdminKeyDep = Annotated[ApiKey, Depends(_admin_key)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
 FinishedDep = Annotated[FinishedListener, Depends(_finished)]
 StreamsDep = Annotated[aioredis.Redis, Depends(_streams)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -64,6 +65,14 @@ class Settings(BaseSettings):
         "by the GIL to about one core",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    ui_session_ttl_s: int = Field(
+        default=8 * 3600, ge=60, description="a dashboard sign-in lasts this long unused"
+    )
+    ui_secure_cookie: bool = Field(
+        default=True,
+        description="the dashboard's session cookie is Secure (browsers send it over HTTPS "
+        "and to localhost only); false for a plain-HTTP deployment on a trusted network",
+    )
 
     # Limits on what a client may submit.
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
@@ -82,6 +91,13 @@ class Settings(BaseSettings):
     )
 
     # Workers.
+    host: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="this host's name in pool names, heartbeats and the GPU ledger",
+    )
     worker_heartbeat_s: float = Field(default=10.0, gt=0)
     cancel_poll_s: float = Field(default=0.1, gt=0)
     stream_flush_s: float = Field(
@@ -153,6 +169,25 @@ class Settings(BaseSettings):
     )
     memory_summary_max_tokens: int = Field(default=256, ge=16)
     memory_respond_timeout_s: float = Field(default=120.0, gt=0)
+
+    # Governance (app/governance): rules that beat evaluates.
+    governance_interval_s: float = Field(
+        default=15.0, gt=0, description="beat: how often the rules are evaluated"
+    )
+    governance_window_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="the window of rates and percentiles (step error rate, latency, tokens/s) "
+        "on /metrics and in conditions that name none",
+    )
+    governance_forget_s: float = Field(
+        default=3600.0, gt=0, description="a pool whose heartbeat stopped is shown this long"
+    )
+    webhook_secret: str = Field(
+        default="", description="signs webhook alerts (HMAC-SHA256) unless a rule names its own"
+    )
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    webhook_max_retries: int = Field(default=5, ge=0, le=20)
 
     @field_validator("data_dir", "models_dir", "catalog_path")
     @classmethod

@@ -7,6 +7,7 @@ one boundary each, with ``raise ... from exc``; ``app.api.errors`` maps them to 
     ├── ConfigError              bad settings or environment             (500)
     ├── SpecError                a workflow spec or request is invalid   (422)
     ├── AuthError                missing or wrong API key                (401)
+    ├── ForbiddenError           the key may not do this (not an admin)  (403)
     ├── NotFoundError            no such workflow / model / key          (404)
     ├── ConflictError            the request clashes with stored state   (409)
     ├── ServiceUnavailable       Redis or the database cannot be reached (503)
@@ -67,6 +68,10 @@ class SpecError(CorralError):
 
 class AuthError(CorralError):
     """The request carries no API key, or one that is unknown or revoked."""
+
+
+class ForbiddenError(CorralError):
+    """The key is valid but may not do this (e.g. change rules without being an admin)."""
 
 
 class NotFoundError(CorralError):

@@ -22,13 +22,14 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def create_key(session: Session, name: str) -> tuple[ApiKey, str]:
-    """Store a new key named ``name``; returns the row and the plaintext, shown once."""
+def create_key(session: Session, name: str, *, admin: bool = False) -> tuple[ApiKey, str]:
+    """Store a new key named ``name`` (``admin``: it may change governance rules); returns
+    the row and the plaintext, shown once."""
     if not name or len(name) > 100:
         raise ValueError(f"a key name must be 1 to 100 characters, got {len(name)}")
     prefix = secrets.token_hex(6)
     key = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
-    row = ApiKey(name=name, prefix=prefix, key_hash=_hash(key))
+    row = ApiKey(name=name, prefix=prefix, key_hash=_hash(key), admin=admin)
     session.add(row)
     session.flush()
     return row, key

@@ -1,4 +1,5 @@
-"""SQLModel tables: workflow runs, step runs and API keys. The database is the source of truth."""
+"""SQLModel tables: workflow runs, step runs, API keys and governance (rules, alerts, their
+history, silences, beat's evaluation tick). The database is the source of truth."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint, false
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -171,6 +172,8 @@ class StepRun(SQLModel, table=True):
         default=None, sa_column=Column(JSON(none_as_null=True), nullable=True)
     )
     error: str | None = None
+    # The fallback model a governance route sent its last routed attempt to (None: its own).
+    routed_to: str | None = Field(default=None, max_length=128)
     queued_at: datetime | None = _ts()
     dispatched_at: datetime | None = _ts()
     started_at: datetime | None = _ts()
@@ -189,8 +192,128 @@ class ApiKey(SQLModel, table=True):
     name: str = Field(max_length=100)
     prefix: str = Field(max_length=16, unique=True)
     key_hash: str = Field(max_length=64)
+    # An admin key may change the installation's governance: rules and silences.
+    admin: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
     )
     last_used_at: datetime | None = _ts()
     revoked_at: datetime | None = _ts()
+
+
+class AlertState(StrEnum):
+    """Where an alert is. Governance's evaluation (beat) owns every transition.
+
+    ::
+
+        (condition true, no open alert) ──────────────> pending   (a new alert)
+        pending ──(condition true for the rule's ``for``)──> firing
+        pending ──(condition false before that)────────> inactive
+        firing ──(condition false)──────────────────────> resolved
+
+    ``inactive`` and ``resolved`` are terminal: when the condition holds again a new
+    alert starts, with its own history. A rule with ``for: 0`` fires on its first
+    evaluation (pending and firing in one step, both recorded).
+    """
+
+    pending = "pending"
+    firing = "firing"
+    inactive = "inactive"
+    resolved = "resolved"
+
+    @property
+    def open(self) -> bool:
+        return self in (AlertState.pending, AlertState.firing)
+
+
+class GovernanceRule(SQLModel, table=True):
+    """A governance rule as validated (``body``); built-in rules are deleted as tombstones
+    so that they are not seeded again."""
+
+    __tablename__ = "governance_rule"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=200)
+    enabled: bool = True
+    builtin: bool = False
+    body: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    deleted_at: datetime | None = _ts()
+
+
+class Alert(SQLModel, table=True):
+    """One alert instance: a rule's condition holding for one label set, from pending until
+    it resolves (or turns inactive)."""
+
+    __tablename__ = "alert"
+    __table_args__ = (Index("ix_alert_rule_fingerprint_state", "rule_id", "fingerprint", "state"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    rule_id: str = Field(max_length=64)
+    fingerprint: str = Field(max_length=64)
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    severity: str = Field(max_length=16)
+    state: AlertState = _status_column(AlertState, AlertState.pending, index=True)
+    value: float | None = None
+    started_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    fired_at: datetime | None = _ts()
+    ended_at: datetime | None = _ts()
+    last_eval_at: datetime | None = _ts()
+    last_notified_at: datetime | None = _ts()
+    notifications: int = 0
+
+
+class GovernanceEvent(SQLModel, table=True):
+    """The governance history: every alert transition, action and notification, with its
+    outcome."""
+
+    __tablename__ = "governance_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    rule_id: str = Field(max_length=64, index=True)
+    alert_id: str | None = Field(default=None, max_length=32, index=True)
+    kind: str = Field(max_length=16)  # transition | action | notification
+    from_state: str | None = Field(default=None, max_length=16)
+    to_state: str | None = Field(default=None, max_length=16)
+    action: str | None = Field(default=None, max_length=32)
+    outcome: str | None = Field(default=None, max_length=16)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Silence(SQLModel, table=True):
+    """Mutes the notifications of matching alerts (a rule, labels, or both) until a time;
+    alerts are still evaluated and recorded."""
+
+    __tablename__ = "silence"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    rule_id: str | None = Field(default=None, max_length=64)
+    matchers: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    comment: str = Field(max_length=1000)
+    starts_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    ends_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+    created_by: int | None = Field(default=None, foreign_key="api_key.id")
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+
+
+class GovernanceTick(SQLModel, table=True):
+    """One row: the last evaluation tick claimed (``tick`` = time // interval), so that two
+    beats evaluate each tick once; ``at`` is beat's last evaluation."""
+
+    __tablename__ = "governance_tick"
+
+    id: int = Field(default=1, primary_key=True)
+    tick: int = Field(default=0, sa_type=BigInteger)
+    at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
