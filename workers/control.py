@@ -16,6 +16,7 @@ from celery.platforms import EX_OK
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 
+from app.scheduler import control
 from app.scheduler.ledger import Reservation
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,4 @@ def corral_release(state: Any, reason: str = "") -> dict[str, Any]:
 
 def request_release(celery_app: Any, reservation: Reservation, reason: str) -> bool:
     """Ask the worker holding ``reservation`` to release it; True if it did."""
-    try:
-        replies = celery_app.control.broadcast(
-            "corral_release",
-            arguments={"reason": reason},
-            destination=[reservation.holder],
-            reply=True,
-            timeout=3.0,
-        )
-    except Exception as exc:
-        log.warning("could not ask %s to release: %s", reservation.holder, exc)
-        return False
-    return any(bool(r.get(reservation.holder, {}).get("released")) for r in replies or [])
+    return control.release(celery_app, reservation.holder, reason)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import socket
 
 from app.core.config import get_settings, reload_settings
 from app.core.errors import ConfigError, PlacementError, ServiceUnavailable
@@ -55,7 +54,7 @@ def run_worker(
     from workers import control
     from workers.celery_app import celery_app  # reads the settings: after the checks
 
-    hostname = socket.gethostname()
+    hostname = settings.host
     nodename = f"{entry.name}.{os.getpid()}@{hostname}"
     placement: Placement | None = None
     inventory = detect_inventory(settings.gpus, hostname) if gpu != "none" else None
@@ -83,6 +82,7 @@ def run_worker(
                 placement.reservations, lambda: sched.release(placement), queue_for(entry.name)
             )
     os.environ["CORRAL_WORKER_MODEL"] = entry.name
+    os.environ["CORRAL_WORKER_NODE"] = nodename  # the pool processes announce it
     if n_ctx:
         os.environ["CORRAL_WORKER_CTX"] = str(n_ctx)
     # Settings are read once per process: read them again with the worker's own, which

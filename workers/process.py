@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from typing import Any
 
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready
 
 from app.core.config import Settings, get_settings
 from app.core.errors import ModelFileError
@@ -23,6 +22,8 @@ from app.core.process import freeze_startup_objects
 from app.core.redis import get_redis
 from app.scheduler import live
 from app.store import db
+from app.workflows import routing
+from app.workflows.names import queue_for
 from models.catalog import load_catalog
 from workers.runtime import LlamaCppRuntime, ModelRuntime, Placement
 
@@ -104,17 +105,38 @@ def _heartbeat() -> None:
         _announce()
 
 
+def pool_id() -> str:
+    """This pool process's id (``model@host:pid``; empty until it has loaded its model)."""
+    return _State.worker_id
+
+
 def set_busy(busy: bool) -> None:
     """Record in the heartbeat whether a step is running (issue #3 never evicts busy pools)."""
     _State.info["busy"] = busy
     if not busy:
         _State.info["steps_done"] = int(_State.info.get("steps_done", 0)) + 1
+        _State.info["idle_since"] = time.time()
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _on_worker_init(**_: Any) -> None:
     # Celery's parent, before it forks the pool: the children inherit the frozen objects.
     freeze_startup_objects()
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    # Celery's parent, consuming: a pool that starts while its model's queue is paused
+    # (governance's pause_queue) stops consuming until resume_queue adds it back.
+    name = worker_model()
+    if name is None or sender is None:
+        return
+    try:
+        if routing.is_paused(name):
+            sender.cancel_task_queue(queue_for(name))
+            log.warning("queue %s is paused: this pool consumes nothing until resumed", name)
+    except Exception as exc:  # Redis down: consume as usual
+        log.warning("could not read whether %s is paused: %s", name, exc)
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -135,16 +157,20 @@ def _on_process_init(**_: Any) -> None:
     except Exception as exc:
         log.warning("could not mark the reservation loaded: %s", exc)
     reservations = get_settings().reservations
-    _State.worker_id = f"{name}@{socket.gethostname()}:{os.getpid()}"
+    host = get_settings().host
+    _State.worker_id = f"{name}@{host}:{os.getpid()}"
     _State.info = {
         "worker": _State.worker_id,
         "model": name,
-        "host": socket.gethostname(),
+        "host": host,
         "pid": os.getpid(),
         "n_ctx": runtime.n_ctx,
         "load_ms": round(getattr(runtime, "load_ms", 0.0), 1),
         "started_at": time.time(),
         "busy": False,
+        "idle_since": time.time(),
+        # The Celery node this process belongs to: remote control (release, pause) names it.
+        "node": os.environ.get("CORRAL_WORKER_NODE", ""),
         "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "") if reservations else "",
         "reservations": [r.model_dump() for r in reservations],
         "steps_done": 0,

@@ -1,7 +1,8 @@
 """Running one step attempt: claim it, call the model, store the result.
 
 :func:`run_step` is the plain function behind the ``corral.step.run`` task. The claim
-and the result go through :mod:`app.workflows.service`, whose rules decide what follows.
+and the result go through :mod:`app.workflows.service`, whose rules decide what follows;
+then the ended attempt is counted per model in Redis (:mod:`app.governance.model_stats`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from redis.exceptions import RedisError
 
 from app.core.config import get_settings
 from app.core.errors import ServiceUnavailable, StepCancelled, StepError
+from app.governance import model_stats
+from app.store.tables import utcnow
 from app.workflows import engine, events, service, streams
 from app.workflows.engine import StepWork
 from app.workflows.spec import INPUT_MODELS
 from workers.memory import memory_chat, uses_memory
+from workers.process import pool_id
 from workers.runtime import ModelRuntime, RunControl
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,7 @@ def execute(work: StepWork, runtime: ModelRuntime) -> dict[str, Any]:
             writer.close()
     out.setdefault("timings", {})["queue_ms"] = round(work.queued_ms, 3)
     out["model"] = runtime.name
+    out["pool"] = pool_id() or None  # the pool process that ran it
     out["attempt"] = work.attempt
     return out
 
@@ -106,18 +111,29 @@ def run_step(step_run_id: str, attempt: int, runtime: ModelRuntime | None = None
     """Run one attempt of a step end to end; what happened, for logs and tests.
 
     ``stale``: this delivery was not the step's to run. Raises ServiceUnavailable when the
-    database cannot be reached to claim the step (the task is retried).
+    database cannot be reached to claim the step (the task is retried). Once its result
+    is stored, the attempt is added to the per-model counters (:func:`_record`).
     """
     work = service.claim_step(step_run_id, attempt)
     if work is None:
         log.info("dropping step run %s attempt %s: not its to run", step_run_id, attempt)
         return "stale"
+    outcome, output = _run_claimed(work, runtime)
+    _record(work, outcome, output)
+    return outcome
 
-    def fail(error: str, *, retryable: bool) -> str:
+
+def _run_claimed(work: StepWork, runtime: ModelRuntime | None) -> tuple[str, dict[str, Any] | None]:
+    """Run a claimed attempt and store its result: the outcome (``succeeded``,
+    ``retrying``, ``failed``, ``cancelled``, ``discarded``) and, when it succeeded, its
+    output."""
+    step_run_id, attempt = work.step_run_id, work.attempt
+
+    def fail(error: str, *, retryable: bool) -> tuple[str, None]:
         status = _stored(
             lambda: service.fail_step(step_run_id, attempt, error, retryable=retryable)
         )
-        return str(status) if status is not None else "discarded"
+        return (str(status) if status is not None else "discarded"), None
 
     if work.input_error is not None:
         return fail(work.input_error, retryable=False)
@@ -131,13 +147,34 @@ def run_step(step_run_id: str, attempt: int, runtime: ModelRuntime | None = None
         # The cancel already recorded the step as cancelled; add what the worker did.
         detail = str(exc)
         _stored(lambda: engine.note_cancelled(step_run_id, attempt, detail))
-        return "cancelled"
+        return "cancelled", None
     except StepError as exc:
-        status = fail(str(exc), retryable=exc.retryable)
+        status, _ = fail(str(exc), retryable=exc.retryable)
         log.info("step %s attempt %s failed (%s): %s", work.step_id, attempt, status, exc)
-        return status
+        return status, None
     except Exception as exc:
         log.exception("step %s attempt %s crashed", work.step_id, attempt)
         return fail(f"{type(exc).__name__}: {exc}", retryable=True)
     stored = _stored(lambda: service.complete_step(step_run_id, attempt, output))
-    return "succeeded" if stored else "discarded"
+    return ("succeeded", output) if stored else ("discarded", None)
+
+
+def _record(work: StepWork, outcome: str, output: dict[str, Any] | None) -> None:
+    """Add the ended attempt to the per-model counters in Redis (its result is already
+    stored and announced): a failure is logged, never raised."""
+    try:
+        model_stats.record_step(
+            model=work.model,
+            kind=work.kind,
+            outcome=outcome,
+            duration_s=(utcnow() - work.started_at).total_seconds(),
+            queue_wait_s=work.queued_ms / 1000,
+            output=output,
+        )
+    except Exception as exc:  # Redis down, or anything else: the step's result stands
+        log.warning(
+            "could not count step %s attempt %s in the model stats: %s",
+            work.step_id,
+            work.attempt,
+            exc,
+        )

@@ -8,17 +8,19 @@ from typing import Any
 import numpy as np
 
 from app.core.config import get_settings
-from app.core.errors import ServiceUnavailable
+from app.core.errors import CorralError, ServiceUnavailable
 from app.memory import embedding
 from app.memory.service import get_memory
 from app.workflows import dispatch
 from app.workflows.names import (
     EMBED_QUERY_TASK,
     EMBED_TASK,
+    GOVERNANCE_EVALUATE_TASK,
     MEMORY_PRUNE_TASK,
     MEMORY_SWEEP_TASK,
     RECONCILE_TASK,
     STEP_TASK,
+    WEBHOOK_TASK,
 )
 from workers import process
 from workers.celery_app import celery_app
@@ -97,3 +99,38 @@ def memory_prune_task() -> int:
     from app.memory.service import get_memory
 
     return get_memory().conversations.prune_expired()
+
+
+@celery_app.task(name=GOVERNANCE_EVALUATE_TASK)  # type: ignore[untyped-decorator]
+def governance_evaluate_task() -> dict[str, Any]:
+    """Evaluate the governance rules for this tick (a second beat's run is a no-op)."""
+    from app.governance.evaluate import evaluate
+
+    result = evaluate()
+    if result is None:
+        return {"skipped": "another evaluation took this tick"}
+    return {"tick": result.tick, "rules": result.rules, "transitions": len(result.transitions)}
+
+
+@celery_app.task(name=WEBHOOK_TASK, bind=True)  # type: ignore[untyped-decorator]
+def governance_webhook_task(
+    self: Any, rule_id: str, action_index: int, body: dict[str, Any], alert_id: str | None
+) -> str:
+    """POST one alert notification, retried with exponential backoff; the outcome goes to
+    the governance history."""
+    from app.governance import notify
+
+    tries = self.request.retries + 1
+    detail = {"delivery": body.get("delivery"), "event": body.get("event"), "tries": tries}
+    try:
+        status = notify.deliver(rule_id, action_index, body)
+    except notify.DeliveryFailed as exc:
+        if self.request.retries < get_settings().webhook_max_retries:
+            raise self.retry(exc=exc, countdown=notify.backoff_s(self.request.retries)) from exc
+        notify.record_delivery(rule_id, alert_id, "error", {**detail, "error": str(exc)})
+        return "failed"
+    except CorralError as exc:  # the rule was deleted or changed under the notification
+        notify.record_delivery(rule_id, alert_id, "error", {**detail, "error": str(exc)})
+        return "failed"
+    notify.record_delivery(rule_id, alert_id, "ok", {**detail, "status": status})
+    return "delivered"

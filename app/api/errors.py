@@ -15,6 +15,7 @@ from app.core.errors import (
     AuthError,
     ConflictError,
     CorralError,
+    ForbiddenError,
     ModelError,
     NotFoundError,
     ServiceUnavailable,
@@ -25,6 +26,7 @@ from app.core.errors import (
 _STATUS: list[tuple[type[CorralError], int]] = [
     (SpecError, 422),
     (AuthError, 401),
+    (ForbiddenError, 403),
     (NotFoundError, 404),
     (UnknownModelError, 404),
     (ConflictError, 409),
@@ -82,22 +84,28 @@ def _openai(exc: CorralError, status: int, path: str) -> tuple[int, dict[str, ob
 # metadata needs; far less than where encoding a stored value again would fail.
 MAX_JSON_DEPTH = 64
 
-# A JSON \u escape of a UTF-16 surrogate (half of a pair, or a lone one), and the code
-# points it can leave in a decoded str when it is not half of a pair.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# A JSON \u escape of a UTF-16 surrogate (half of a pair, or a lone one) or of NUL, and
+# the code points they can leave in a decoded str that no store takes back: a surrogate
+# that is not half of a pair, and NUL (PostgreSQL's text refuses it).
+_SUSPECT_ESCAPE = re.compile(rb"\\u(?:[dD][89a-fA-F][0-9a-fA-F]{2}|0000)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 Loc = tuple[str | int, ...]
 
+_NUL_MESSAGE = "text may not contain U+0000 (NUL): no store Corral writes to can hold it"
+
 
 def body_problem(data: object) -> tuple[Loc, str, str] | None:
     """The first thing in a parsed JSON body that Corral cannot store and give back, as
-    (its field, what is wrong, a type): text with a lone UTF-16 surrogate, or arrays and
-    objects nested deeper than MAX_JSON_DEPTH. Iterative: any nesting JSON allowed."""
+    (its field, what is wrong, a type): text with NUL or a lone UTF-16 surrogate, or
+    arrays and objects nested deeper than MAX_JSON_DEPTH. Iterative: any nesting JSON
+    allowed."""
     stack: list[tuple[Loc, object, int]] = [(("body",), data, 0)]
     while stack:
         loc, value, depth = stack.pop()
         if isinstance(value, str):
+            if "\x00" in value:
+                return (loc, _NUL_MESSAGE, "nul")
             match = _SURROGATE.search(value)
             if match:
                 return (
@@ -153,11 +161,11 @@ async def valid_body(request: Request) -> None:
     """Refuse (422, naming the field and the limit) a JSON body that :func:`body_problem`
     finds something in: stored, it could not be sent back, so every later read of it would
     fail. A route dependency: FastAPI has already read the body (it is cached); it is
-    parsed again only when it holds a surrogate escape or more brackets than the depth
+    parsed again only when it holds a surrogate or NUL escape or more brackets than the depth
     limit, the only bodies that can have a problem."""
     body = await request.body()
     brackets = body.count(b"{") + body.count(b"[")
-    if brackets <= MAX_JSON_DEPTH and not _SURROGATE_ESCAPE.search(body):
+    if brackets <= MAX_JSON_DEPTH and not _SUSPECT_ESCAPE.search(body):
         return
     try:
         data = json.loads(body)
@@ -166,6 +174,17 @@ async def valid_body(request: Request) -> None:
     problem = body_problem(data)
     if problem is not None:
         raise SpecError.single(*problem)
+
+
+async def valid_params(request: Request) -> None:
+    """Refuse (422) a path or query parameter holding NUL: no store can look it up. An
+    app-wide dependency, so every route's parameters are covered."""
+    for name, value in request.path_params.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise SpecError.single(("path", name), _NUL_MESSAGE, "nul")
+    for name, value in request.query_params.multi_items():
+        if "\x00" in value or "\x00" in name:
+            raise SpecError.single(("query", name), _NUL_MESSAGE, "nul")
 
 
 def install(app: FastAPI) -> None:

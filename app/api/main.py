@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app.api import errors
 from app.api.routes import (
+    alerts,
     conversations,
     gpus,
     health,
@@ -16,9 +18,11 @@ from app.api.routes import (
     metrics,
     models,
     openai_compat,
+    rules,
     workflows,
 )
 from app.core.process import freeze_startup_objects
+from app.ui import routes as ui_routes
 from app.workflows.events import FinishedListener
 
 
@@ -39,10 +43,24 @@ def create_app() -> FastAPI:
         version="0.1.0",
         description="Durable multi-step LLM workflows on per-model llama.cpp worker pools.",
         lifespan=_lifespan,
+        dependencies=[Depends(errors.valid_params)],
     )
     app.state.finished = FinishedListener()  # wakes long-polling reads
     errors.install(app)
-    routers = (health, metrics, workflows, models, openai_compat, gpus, conversations, memory)
+    app.mount("/ui/static", StaticFiles(directory=ui_routes.HERE / "static"), name="ui-static")
+    routers = (
+        health,
+        metrics,
+        workflows,
+        models,
+        openai_compat,
+        gpus,
+        conversations,
+        memory,
+        rules,
+        alerts,
+        ui_routes,
+    )
     for module in routers:
         app.include_router(module.router)
     return app

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, ProgrammingError
 
-from app.cli import models_cmd
+from app.cli import governance_cmd, models_cmd
 from app.core.config import get_settings
 from app.core.errors import CorralError, PlacementError
 from app.workflows.names import SYSTEM_QUEUE, WORKER_APP, WORKER_LAUNCH
@@ -132,8 +132,11 @@ def beat() -> None:
             str(settings.data_dir / "celerybeat-schedule"),
             "-Q",
             SYSTEM_QUEUE,
+            # Threads: a webhook waiting on a slow receiver never holds up an evaluation.
             "--pool",
-            "solo",
+            "threads",
+            "--concurrency",
+            "4",
             "-n",
             f"system.{os.getpid()}@%h",
             "--loglevel",
@@ -273,13 +276,21 @@ def gpus() -> None:
     print_gpus(console)
 
 
+app.command()(governance_cmd.rules)
+app.command()(governance_cmd.alerts)
+app.command()(governance_cmd.health)
+
+
 @keys_app.command("create")
-def keys_create(name: Annotated[str, typer.Argument(help="A name for the key.")]) -> None:
+def keys_create(
+    name: Annotated[str, typer.Argument(help="A name for the key.")],
+    admin: Annotated[bool, typer.Option(help="May change governance rules and silences.")] = False,
+) -> None:
     """Create an API key and print it (it is shown only once)."""
     from app.store import db, keys
 
     with db.session_scope(write=True) as session:
-        _row, key = keys.create_key(session, name)
+        _row, key = keys.create_key(session, name, admin=admin)
     print(key)
 
 
@@ -292,13 +303,14 @@ def keys_list() -> None:
     from app.store import db
     from app.store.tables import ApiKey
 
-    table = Table("id", "prefix", "name", "created", "revoked")
+    table = Table("id", "prefix", "name", "admin", "created", "revoked")
     with db.session_scope() as session:
         for row in session.exec(select(ApiKey).order_by(ApiKey.id)).all():  # type: ignore[arg-type]
             table.add_row(
                 str(row.id),
                 row.prefix,
                 row.name,
+                "yes" if row.admin else "",
                 row.created_at.isoformat(timespec="seconds"),
                 row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "",
             )

@@ -219,12 +219,12 @@ def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, f
         console.print(f"flower   http://127.0.0.1:{flower_port}  (basic auth {auth})")
     base = f"http://{settings.api_host}:{port}"
     with db.session_scope(write=True) as session:
-        _row, key = keys.create_key(session, "corral-up")
+        _row, key = keys.create_key(session, "corral-up", admin=True)
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as api:
         _wait_ready(sup, api, names, timeout_s=180)
-        console.print(f"api      {base}  (docs at {base}/docs)")
+        console.print(f"api      {base}  (docs at {base}/docs, dashboard at {base}/ui)")
         console.print(f"workers  {', '.join(names)}; logs in {sup.log_dir}")
-        console.print(f"api key  {key}")
+        console.print(f"api key  {key}  (an admin key: it may change governance rules)")
         code = 0
         chat = DEMO_MODEL if DEMO_MODEL in names else "tiny-chat"
         if demo and {chat, "tiny-embed"} <= set(names):

@@ -1,4 +1,9 @@
-"""The registry of running worker pools in Redis: each worker's heartbeat and model."""
+"""The registry of running worker pools in Redis: each worker's heartbeat and model.
+
+A live worker's key expires three heartbeats after its last one. Each heartbeat is also
+kept in the hash ``corral:workers:seen`` (a clean exit removes it), so that a pool whose
+heartbeat stopped stays visible, with the age of its last one, until governance forgets it.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +16,43 @@ from app.core.config import get_settings
 from app.core.redis import get_redis
 
 WORKER_KEY = "corral:worker:{hostname}"
+SEEN_KEY = "corral:workers:seen"
 # (Redis URL, pid): (read at, workers), the live-pool view last read from that Redis
 _live_cache: dict[tuple[str, int], tuple[float, list[dict[str, Any]]]] = {}
 
 
 def register_worker(hostname: str, info: dict[str, Any], ttl_s: float) -> None:
     """Announce (or renew) a live worker and its loaded model for ``ttl_s`` seconds."""
-    get_redis().set(WORKER_KEY.format(hostname=hostname), json.dumps(info), ex=max(1, int(ttl_s)))
+    body = json.dumps({**info, "heartbeat_at": time.time()})
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.set(WORKER_KEY.format(hostname=hostname), body, ex=max(1, int(ttl_s)))
+    pipe.hset(SEEN_KEY, hostname, body)
+    pipe.execute()
 
 
 def unregister_worker(hostname: str) -> None:
-    get_redis().delete(WORKER_KEY.format(hostname=hostname))
+    """A clean exit: the worker is neither live nor missed."""
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.delete(WORKER_KEY.format(hostname=hostname))
+    pipe.hdel(SEEN_KEY, hostname)
+    pipe.execute()
+
+
+def seen_workers(forget_after_s: float) -> list[dict[str, Any]]:
+    """Every worker that sent a heartbeat in the last ``forget_after_s`` seconds and did
+    not exit cleanly, live or not, each with its ``heartbeat_at``; older ones are dropped."""
+    client = get_redis()
+    now = time.time()
+    out, stale = [], []
+    for worker, raw in client.hgetall(SEEN_KEY).items():
+        info = json.loads(raw)
+        if now - float(info.get("heartbeat_at", 0)) > forget_after_s:
+            stale.append(worker)
+        else:
+            out.append(info)
+    if stale:
+        client.hdel(SEEN_KEY, *stale)
+    return out
 
 
 # How old a live-pool view the hot paths accept (each submit and each send asks):

@@ -137,12 +137,18 @@ def write_steps(conn: Connection, changes: Iterable[Mapping[str, Any]]) -> None:
 
 
 def page_query(
-    api_key_id: int | None, status: WorkflowStatus | None, after: tuple[Any, str] | None
+    api_key_id: int | None,
+    status: WorkflowStatus | None,
+    after: tuple[Any, str] | None,
+    name: str | None = None,
 ) -> Select[Any]:
-    """Workflows of a key, newest first, older than ``after`` (created_at, id)."""
+    """Workflows of a key, newest first, older than ``after`` (created_at, id), optionally
+    of one status and one name."""
     query = _workflow.where(_w.api_key_id == api_key_id)
     if status is not None:
         query = query.where(_w.status == status)
+    if name is not None:
+        query = query.where(_w.name == name)
     if after is not None:
         at, wid = after
         query = query.where(or_(_w.created_at < at, and_(_w.created_at == at, _w.id < wid)))

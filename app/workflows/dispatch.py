@@ -10,6 +10,9 @@ sent (the database records it, the marker goes); the others never reached the br
 crash or an outage between the commit and the publish) and are sent again. A step sent
 twice is harmless: only the delivery its step is ready for runs (at-least-once delivery,
 idempotent effects).
+
+While governance routes a model to a fallback (:mod:`app.workflows.routing`), its steps'
+new attempts go to the fallback's queue, and the step records it (``routed_to``).
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from sqlalchemy import update
 from sqlmodel import select
 
 from app.core.config import get_settings
+from app.core.errors import ServiceUnavailable
 from app.core.redis import get_redis
 from app.scheduler import live
 from app.store import db
 from app.store.tables import StepRun, StepStatus, utcnow
+from app.workflows import routing
 from app.workflows.engine import Dispatch
 from app.workflows.names import STEP_TASK, queue_for
 from app.workflows.rules import SENDABLE
@@ -72,6 +77,7 @@ def send(dispatches: Sequence[Dispatch]) -> None:
     steps are committed, and the reconciler sends what has no marker."""
     if not dispatches:
         return
+    dispatches = _routed(dispatches)
     app = producer()
     sent: dict[str, int] = {}
     try:
@@ -96,6 +102,37 @@ def send(dispatches: Sequence[Dispatch]) -> None:
     waiting = _without_pool([d for d in dispatches if d.step_run_id in sent])
     if waiting:
         mark_waiting_for_pool(waiting)
+
+
+def _routed(dispatches: Sequence[Dispatch]) -> Sequence[Dispatch]:
+    """The dispatches with each routed model's fallback in place of its model (the steps
+    record where they were sent)."""
+    try:
+        table = routing.routes(max_age_s=routing.VIEW_MAX_AGE_S)
+    except (RedisError, OSError):
+        return dispatches  # the send fails too, and the reconciler sends them later
+    if not table or not any(d.model in table for d in dispatches):
+        return dispatches
+    moved: dict[str, list[str]] = {}
+    out = []
+    for d in dispatches:
+        fallback = table.get(d.model)
+        if fallback is None:
+            out.append(d)
+            continue
+        moved.setdefault(fallback, []).append(d.step_run_id)
+        out.append(Dispatch(d.step_run_id, fallback, d.attempt, d.countdown))
+    try:
+        with db.session_scope(write=True) as session:
+            for fallback, ids in moved.items():
+                session.exec(
+                    update(StepRun)
+                    .where(StepRun.id.in_(ids))  # type: ignore[attr-defined]
+                    .values(routed_to=fallback)
+                )
+    except ServiceUnavailable as exc:  # routed all the same; only the record is missing
+        log.warning("could not record the routing of %d step(s): %s", len(out), exc)
+    return out
 
 
 def record_sent(attempts: Mapping[str, int]) -> None:

@@ -398,15 +398,24 @@ def read(workflow_id: str, api_key_id: int | None) -> tuple[Row[Any], Sequence[R
     return workflow, steps
 
 
+def spec(workflow_id: str, api_key_id: int | None) -> dict[str, Any]:
+    """The stored spec of a workflow of ``api_key_id`` (:class:`NotFoundError` if none)."""
+    read(workflow_id, api_key_id)
+    with db.autocommit_scope() as conn:
+        _name, raw = conn.execute(queries.READ_SPEC, {"wid": workflow_id}).one()
+    return dict(raw)
+
+
 def page(
     api_key_id: int | None,
     *,
     status: WorkflowStatus | None,
     limit: int,
     after: tuple[datetime, str] | None,
+    name: str | None = None,
 ) -> list[Row[Any]]:
     """Up to ``limit`` + 1 workflows of ``api_key_id``, newest first, older than ``after``
-    (a created_at and an id), optionally of one status."""
+    (a created_at and an id), optionally of one status and one name."""
     with db.autocommit_scope() as conn:
-        query = queries.page_query(api_key_id, status, after).limit(limit + 1)
+        query = queries.page_query(api_key_id, status, after, name).limit(limit + 1)
         return list(conn.execute(query).all())

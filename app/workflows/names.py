@@ -22,6 +22,8 @@ MEMORY_SWEEP_TASK = "corral.memory.sweep"
 MEMORY_PRUNE_TASK = "corral.memory.prune"
 EMBED_TASK = "corral.memory.embed"
 EMBED_QUERY_TASK = "corral.memory.embed_query"
+GOVERNANCE_EVALUATE_TASK = "corral.governance.evaluate"
+WEBHOOK_TASK = "corral.governance.webhook"
 
 
 def queue_for(model: str) -> str:

@@ -22,6 +22,7 @@ class StepPublic(BaseModel):
     max_attempts: int
     output: dict[str, Any] | None
     error: str | None
+    routed_to: str | None = None
     queued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
@@ -41,6 +42,7 @@ class StepPublic(BaseModel):
             max_attempts=row.max_attempts,
             output=row.output,
             error=row.error,
+            routed_to=row.routed_to,
             queued_at=row.queued_at,
             started_at=started,
             finished_at=finished,

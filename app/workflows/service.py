@@ -138,6 +138,12 @@ def read(workflow_id: str, api_key_id: int | None) -> WorkflowPublic:
     return WorkflowPublic.of(workflow, steps=[StepPublic.of(s) for s in steps])
 
 
+def spec(workflow_id: str, api_key_id: int | None) -> dict[str, Any]:
+    """The spec a workflow of ``api_key_id`` was submitted with, as validated (a re-run
+    submits it again)."""
+    return engine.spec(workflow_id, api_key_id)
+
+
 def cancel(workflow_id: str, api_key_id: int | None) -> WorkflowSummary:
     """Cancel a running workflow: unfinished steps are cancelled, running ones told to stop."""
     outcome = engine.cancel(workflow_id, api_key_id)
@@ -148,11 +154,17 @@ def cancel(workflow_id: str, api_key_id: int | None) -> WorkflowSummary:
 
 
 def page(
-    api_key_id: int | None, *, status: WorkflowStatus | None, limit: int, cursor: str | None
+    api_key_id: int | None,
+    *,
+    status: WorkflowStatus | None,
+    limit: int,
+    cursor: str | None,
+    name: str | None = None,
 ) -> WorkflowPage:
-    """One page of a key's workflows, newest first; ``cursor`` from the page before."""
+    """One page of a key's workflows, newest first (optionally of one status and name);
+    ``cursor`` from the page before."""
     after = _decode_cursor(cursor) if cursor else None
-    runs = engine.page(api_key_id, status=status, limit=limit, after=after)
+    runs = engine.page(api_key_id, status=status, limit=limit, after=after, name=name)
     next_cursor = None
     if len(runs) > limit:
         last = runs[limit - 1]

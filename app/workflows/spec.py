@@ -231,7 +231,8 @@ class ValidatedWorkflow:
         return self.spec.model_dump(mode="json")
 
 
-def _pydantic_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[FieldError]:
+def pydantic_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[FieldError]:
+    """A pydantic error as Corral's field errors (an extra field named as unknown)."""
     out = []
     for err in exc.errors(include_url=False):
         loc = (*prefix, *err["loc"])
@@ -259,7 +260,7 @@ def validate_workflow(
     try:
         spec = WorkflowSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(_pydantic_errors(exc)) from None
+        raise SpecError(pydantic_errors(exc)) from None
 
     errors: list[FieldError] = []
     if len(spec.steps) > settings.max_steps:
@@ -381,7 +382,7 @@ def _check_input(
     try:
         parsed = INPUT_MODELS[step.kind].model_validate(step.input)
     except ValidationError as exc:
-        return _pydantic_errors(exc, (*loc, "input"))
+        return pydantic_errors(exc, (*loc, "input"))
     total_chars = 0
     static_text: list[str] = []
     for path, text in template_strings(step.input):

@@ -87,7 +87,7 @@ def api_key(fuzz_settings: Settings) -> Iterator[str]:
     """A new API key, with a conversation of three messages (the second a key moment) and
     a memory block of its user planted for it."""
     with db.session_scope(write=True) as session:
-        row, key = keys.create_key(session, "openapi-fuzz")
+        row, key = keys.create_key(session, "openapi-fuzz", admin=True)
     tenant, mem = tenant_of(row.id), get_memory()
     user = f"fuzz-{uuid.uuid4().hex[:8]}"
     conv = mem.conversations.create(tenant, uuid.uuid4().hex, user, ttl_s=600)

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from app.core.embedded import EmbeddedRedis, free_port
 from app.store import db, keys
 from models.catalog import load_catalog
 from tests.utils.platform import spawn
+from tests.utils.waiting import until
 
 pytestmark = pytest.mark.e2e
 
@@ -73,17 +74,6 @@ class Cluster:
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-
-def until(check: Callable[[], Any], timeout_s: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.1)
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -139,6 +129,20 @@ def cluster(settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
                 kill_group(p)
         client.close()
         redis_server.stop()
+
+
+# A step that runs until it is cancelled: its pool stays busy.
+LONG_STEP = {
+    "name": "busy",
+    "steps": [
+        {
+            "id": "long",
+            "kind": "generate",
+            "model": "tiny-chat",
+            "input": {"prompt": "Go", "max_tokens": 8000, "ignore_eos": True},
+        }
+    ],
+}
 
 
 def workers_on(c: Cluster, model: str) -> list[dict[str, Any]]:
@@ -211,18 +215,7 @@ def test_priority_evicts_idle_pools_but_never_busy_ones(cluster: Cluster) -> Non
     one_gpu = {"CORRAL_GPUS": "0:1GiB"}
     low = c.worker("--model", "tiny-chat", name="low", **one_gpu)
     until(lambda: len(workers_on(c, "tiny-chat")) == 1, what="low pool")
-    spec = {
-        "name": "busy",
-        "steps": [
-            {
-                "id": "long",
-                "kind": "generate",
-                "model": "tiny-chat",
-                "input": {"prompt": "Go", "max_tokens": 8000, "ignore_eos": True},
-            }
-        ],
-    }
-    wid = c.client.post("/v1/workflows", json=spec).json()["id"]
+    wid = c.client.post("/v1/workflows", json=LONG_STEP).json()["id"]
     until(
         lambda: c.client.get(f"/v1/workflows/{wid}").json()["steps"][0]["status"] == "running",
         what="the long step",
@@ -283,3 +276,42 @@ def test_admission_waiting_for_pool_and_served_context(cluster: Cluster) -> None
     (detail,) = refused.json()["detail"]
     assert detail["loc"] == ["steps", 0, "input", "max_tokens"]
     assert "256 tokens (the most any of its live pools serves)" in detail["msg"]
+
+
+def test_governance_unload_idle_releases_idle_pools_never_busy_ones(
+    cluster: Cluster, settings: Settings
+) -> None:
+    """Governance's ``unload_idle`` action asks every GPU pool to release: the idle one
+    gives its GPU back and exits, the one running a step refuses and keeps running."""
+    from app.core.config import use_settings
+    from app.governance.actions import _unload_idle
+    from app.governance.metrics import gather
+
+    c = cluster
+    idle = c.worker("--model", "tiny-chat", "--gpu", "0", name="idle")
+    busy = c.worker("--model", "tiny-chat", "--gpu", "1", name="busy")
+    until(lambda: len(workers_on(c, "tiny-chat")) == 2, what="two pools")
+    wid = c.client.post("/v1/workflows", json=LONG_STEP).json()["id"]
+    until(
+        lambda: c.client.get(f"/v1/workflows/{wid}").json()["steps"][0]["status"] == "running",
+        what="the long step",
+    )
+    here = settings.model_copy(update={"redis_url": c.env["CORRAL_REDIS_URL"]})
+    with use_settings(here):
+        before = {s.labels["gpu"]: s.value for s in gather().samples("gpu_reserved_bytes")}
+        done = _unload_idle(None, 0.0, "test-rule")
+    assert len(done["released"]) == 1 and len(done["refused"]) == 1, done
+    until(lambda: (idle.poll() is not None) != (busy.poll() is not None), 30, "one pool to exit")
+    gone, kept = (idle, busy) if idle.poll() is not None else (busy, idle)
+    assert kept.poll() is None  # the busy pool keeps running its step
+    reservations = [r for g in c.gpus()["gpus"] for r in g["reservations"]]
+    assert len(reservations) == 1  # the released GPU is free again
+    # Governance's snapshot reads the same ledger: both GPUs were reserved, one is now free.
+    assert len(before) == 2 and all(v > 0 for v in before.values())
+    with use_settings(here):
+        after = {s.labels["gpu"]: s.value for s in gather().samples("gpu_reserved_bytes")}
+        totals = {s.labels["gpu"]: s.value for s in gather().samples("gpu_total_bytes")}
+    assert sorted(after.values())[0] == 0 and sorted(after.values())[1] == max(before.values())
+    assert set(totals.values()) == {2**30}
+    assert gone.returncode == 0
+    assert c.client.post(f"/v1/workflows/{wid}/cancel").status_code == 200

@@ -12,10 +12,11 @@ from app.store import db, keys
 
 
 @asynccontextmanager
-async def api(name: str = "asgi") -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the API app holding a new API key named ``name``."""
+async def api(name: str = "asgi", *, admin: bool = False) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the API app holding a new API key named ``name`` (an admin key with
+    ``admin``)."""
     with db.session_scope(write=True) as session:
-        _row, key = keys.create_key(session, name)
+        _row, key = keys.create_key(session, name, admin=admin)
     app = create_app()
     transport = httpx.ASGITransport(app=app)
     headers = {"Authorization": f"Bearer {key}"}

@@ -111,7 +111,7 @@ def start_platform(
     if beat:
         procs["beat"] = spawn(["beat"], env, log_dir / "beat.log")
     with db.session_scope(write=True) as session:
-        _row, key = keys.create_key(session, f"test-{os.getpid()}")
+        _row, key = keys.create_key(session, f"test-{os.getpid()}", admin=True)
     url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
     plat = Platform(url, key, client, settings, log_dir, procs)

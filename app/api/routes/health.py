@@ -1,10 +1,13 @@
-"""Liveness and readiness (no API key)."""
+"""Liveness and readiness (no API key), and the system health view (an API key)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from app.api.deps import ApiKeyDep
 from app.core.errors import ServiceUnavailable
 from app.core.redis import ping
 from app.store import db
@@ -33,3 +36,14 @@ def readyz() -> JSONResponse:
         {"status": "ok" if ready else "unavailable", "checks": checks},
         status_code=200 if ready else 503,
     )
+
+
+@router.get("/v1/health")
+def system_health(_key: ApiKeyDep) -> dict[str, Any]:
+    """Overall status and each component's: API, database, Redis, beat's last evaluation,
+    each model's pools and queue, GPUs, firing alerts."""
+    from app.governance.health import health
+
+    view = health()
+    view["components"] = {"api": {"status": "ok"}, **view["components"]}
+    return view

@@ -168,15 +168,17 @@ def list_workflows(
     status: WorkflowStatus | None = None,
     limit: Annotated[int, Query(ge=1)] = 50,
     cursor: str | None = None,
+    name: Annotated[str | None, Query(max_length=200)] = None,
 ) -> WorkflowPage:
-    """This key's workflows, newest first, optionally of one status; paged by ``cursor``."""
+    """This key's workflows, newest first, optionally of one status and one name; paged by
+    ``cursor``."""
     if limit > settings.max_list_limit:
         raise SpecError.single(
             ("query", "limit"),
             f"limit must be ≤ {settings.max_list_limit} (CORRAL_MAX_LIST_LIMIT), got {limit}",
             "limit",
         )
-    return service.page(key.id, status=status, limit=limit, cursor=cursor)
+    return service.page(key.id, status=status, limit=limit, cursor=cursor, name=name)
 
 
 @router.post("/{workflow_id}/cancel", response_model=WorkflowSummary)
