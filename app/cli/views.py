@@ -17,6 +17,7 @@ from app.scheduler.inventory import format_bytes
 from app.scheduler.service import gpus_view
 from app.store import db
 from app.store.tables import WorkflowRun
+from app.workflows.names import queue_keys
 from models.catalog import load_catalog
 
 
@@ -100,7 +101,7 @@ def print_status(console: Console) -> int:
             e.kind,
             "present" if present else "-",
             str(workers.get(e.name, 0)),
-            str(client.llen(f"model.{e.name}")),
+            str(sum(client.llen(k) for k in queue_keys(e.name))),
         )
     console.print(table)
     with db.session_scope() as session:

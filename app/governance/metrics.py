@@ -7,7 +7,7 @@ gpu_reserved_bytes         gpu             the ledger: live and standing reserva
 gpu_total_bytes            gpu             the ledger's inventory (NVML or declared)
 gpu_utilization            gpu             reserved / total
 gpu_driver_used_bytes      gpu             total − the driver-reported free (NVML)
-queue_depth                model           messages waiting on ``model.<name>`` (Redis)
+queue_depth                model           messages on ``model.<name>``, low list too (Redis)
 queue_oldest_wait_s        model           the longest a queued step of the model has waited
 queue_paused               model           1 while the model's queue is paused
 pools_live                 model           live worker processes (heartbeats)
@@ -53,7 +53,7 @@ from app.store import db
 from app.store.queries import STEP, WORKFLOW
 from app.store.tables import StepStatus, WorkflowStatus
 from app.workflows import routing
-from app.workflows.names import queue_for
+from app.workflows.names import queue_keys
 from models.catalog import load_catalog
 
 
@@ -212,9 +212,11 @@ def _gpus(settings: Settings) -> list[Sample]:
 
 def _queues(models: list[str]) -> list[Sample]:
     pipe = get_redis().pipeline(transaction=False)
-    for model in models:
-        pipe.llen(queue_for(model))
-    depths = pipe.execute()
+    keys = [queue_keys(model) for model in models]
+    for key in (k for ks in keys for k in ks):
+        pipe.llen(key)
+    lengths = iter(pipe.execute())
+    depths = [sum(next(lengths) for _ in ks) for ks in keys]  # normal + low priority
     paused = routing.paused()
     out = [
         Sample("queue_depth", {"model": m}, float(n)) for m, n in zip(models, depths, strict=True)

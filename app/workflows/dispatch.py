@@ -11,6 +11,9 @@ crash or an outage between the commit and the publish) and are sent again. A ste
 twice is harmless: only the delivery its step is ready for runs (at-least-once delivery,
 idempotent effects).
 
+A low-priority workflow's steps carry Celery priority ``names.LOW_PRIORITY``: kombu keeps
+them in the queue's low list, which workers read only when no normal step waits.
+
 While governance routes a model to a fallback (:mod:`app.workflows.routing`), its steps'
 new attempts go to the fallback's queue, and the step records it (``routed_to``).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 
 from celery import Celery
@@ -33,10 +37,10 @@ from app.core.errors import ServiceUnavailable
 from app.core.redis import get_redis
 from app.scheduler import live
 from app.store import db
-from app.store.tables import StepRun, StepStatus, utcnow
+from app.store.tables import StepRun, StepStatus, WorkflowRun, utcnow
 from app.workflows import routing
 from app.workflows.engine import Dispatch
-from app.workflows.names import STEP_TASK, queue_for
+from app.workflows.names import STEP_TASK, celery_priority, queue_for
 from app.workflows.rules import SENDABLE
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,7 @@ def send(dispatches: Sequence[Dispatch]) -> None:
                     queue=queue_for(d.model),
                     task_id=f"{d.step_run_id}-{d.attempt}",
                     countdown=d.countdown or None,
+                    priority=d.priority or None,  # none: the queue's normal list
                     producer=pub,
                 )
                 sent[d.step_run_id] = d.attempt
@@ -121,7 +126,7 @@ def _routed(dispatches: Sequence[Dispatch]) -> Sequence[Dispatch]:
             out.append(d)
             continue
         moved.setdefault(fallback, []).append(d.step_run_id)
-        out.append(Dispatch(d.step_run_id, fallback, d.attempt, d.countdown))
+        out.append(replace(d, model=fallback))
     try:
         with db.session_scope(write=True) as session:
             for fallback, ids in moved.items():
@@ -181,11 +186,14 @@ def mark_waiting_for_pool(step_run_ids: Sequence[str]) -> None:
 
 
 def undispatched(older_than_s: float, limit: int = 500) -> list[Dispatch]:
-    """Steps readied more than ``older_than_s`` ago whose send is not recorded yet."""
+    """Steps readied more than ``older_than_s`` ago whose send is not recorded yet, each
+    with its workflow's priority."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
+    priority = WorkflowRun.spec["priority"].as_string()
     with db.session_scope() as session:
         rows = session.exec(
-            select(StepRun)
+            select(StepRun, priority)
+            .join(WorkflowRun, WorkflowRun.id == StepRun.workflow_id)  # type: ignore[arg-type]
             .where(
                 StepRun.status.in_(SENDABLE),  # type: ignore[attr-defined]
                 StepRun.dispatched_at.is_(None),  # type: ignore[union-attr]
@@ -193,7 +201,9 @@ def undispatched(older_than_s: float, limit: int = 500) -> list[Dispatch]:
             )
             .limit(limit)
         ).all()
-        return [Dispatch(r.id, r.model, r.attempts + 1) for r in rows]
+        return [
+            Dispatch(r.id, r.model, r.attempts + 1, priority=celery_priority(p)) for r, p in rows
+        ]
 
 
 def mark_dispatched(attempts: Mapping[str, int]) -> None:

@@ -29,6 +29,7 @@ from app.core.errors import ConflictError, NotFoundError
 from app.store import db, queries
 from app.store.tables import StepStatus, WorkflowStatus, new_id, utcnow
 from app.workflows import rules
+from app.workflows.names import celery_priority
 from app.workflows.rules import StepDef
 from app.workflows.spec import ValidatedWorkflow
 from app.workflows.templating import render_value
@@ -42,6 +43,7 @@ class Dispatch:
     model: str
     attempt: int
     countdown: float = 0.0
+    priority: int = 0  # Celery priority: 0 normal, names.LOW_PRIORITY for a low workflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +87,14 @@ class _Spec:
     defs: dict[str, StepDef]
     steps: dict[str, dict[str, Any]]  # each step's spec (JSON form), by id
     reads_outputs: bool  # a condition may read step outputs
+    priority: str = "normal"  # specs stored before priorities existed have none
 
     @classmethod
     def of(cls, name: str, spec: Mapping[str, Any]) -> _Spec:
         steps = {s["id"]: s for s in spec["steps"]}
         defs = {sid: StepDef.of(s) for sid, s in steps.items()}
-        return cls(name, defs, steps, any(d.when for d in defs.values()))
+        reads = any(d.when for d in defs.values())
+        return cls(name, defs, steps, reads, spec.get("priority", "normal"))
 
 
 # Specs by workflow id, so a process reads each workflow's spec at most once.
@@ -152,7 +156,7 @@ class _Locked:
                 for sid in nxt.changed - {""}
             ),
         )
-        return _outcome(nxt, self.ids, self.models, step_id)
+        return _outcome(nxt, self.ids, self.models, step_id, self.spec.priority)
 
 
 def _step_change(
@@ -179,10 +183,15 @@ def _step_change(
 
 
 def _outcome(
-    nxt: rules.Next, ids: Mapping[str, str], models: Mapping[str, str], step_id: str | None
+    nxt: rules.Next,
+    ids: Mapping[str, str],
+    models: Mapping[str, str],
+    step_id: str | None,
+    priority: str,
 ) -> Outcome:
+    pri = celery_priority(priority)
     dispatches = tuple(
-        Dispatch(ids[s.step_id], models[s.step_id], s.attempt, s.delay_s) for s in nxt.sends
+        Dispatch(ids[s.step_id], models[s.step_id], s.attempt, s.delay_s, pri) for s in nxt.sends
     )
     status = nxt.run.steps[step_id].status if step_id else None
     return Outcome(nxt.run.id, nxt.run.status, nxt.finished, dispatches, status)
@@ -278,7 +287,7 @@ def create(
             },
         )
         conn.execute(queries.INSERT_STEPS, steps)
-    return _outcome(nxt, ids, models, None)
+    return _outcome(nxt, ids, models, None, cached.priority)
 
 
 def claim(step_run_id: str, attempt: int) -> StepWork | None:
@@ -396,6 +405,16 @@ def read(workflow_id: str, api_key_id: int | None) -> tuple[Row[Any], Sequence[R
     if workflow is None or workflow.api_key_id != api_key_id:
         raise NotFoundError(f"no workflow {workflow_id!r}")
     return workflow, steps
+
+
+def priority_of(workflow_id: str) -> str:
+    """A workflow's priority (``normal`` or ``low``), from the spec cache or read once."""
+    with _cache_lock:
+        cached = _specs.get(workflow_id)
+    if cached is None:
+        with db.autocommit_scope() as conn:
+            cached = _spec_of(conn, workflow_id)
+    return cached.priority
 
 
 def spec(workflow_id: str, api_key_id: int | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any, Self
 from pydantic import BaseModel
 
 from app.store.tables import StepStatus, WorkflowStatus
+from app.workflows.spec import Priority
 
 
 class StepPublic(BaseModel):
@@ -80,6 +81,7 @@ class WorkflowSummary(BaseModel):
 class WorkflowPublic(WorkflowSummary):
     """A workflow with every step's state."""
 
+    priority: Priority = "normal"
     steps: list[StepPublic]
 
 

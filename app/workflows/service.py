@@ -135,7 +135,9 @@ def _replay(api_key_id: int | None, key: str, request_hash: str | None) -> Submi
 def read(workflow_id: str, api_key_id: int | None) -> WorkflowPublic:
     """A workflow of ``api_key_id`` with every step's state (:class:`NotFoundError` if none)."""
     workflow, steps = engine.read(workflow_id, api_key_id)
-    return WorkflowPublic.of(workflow, steps=[StepPublic.of(s) for s in steps])
+    return WorkflowPublic.of(
+        workflow, priority=engine.priority_of(workflow_id), steps=[StepPublic.of(s) for s in steps]
+    )
 
 
 def spec(workflow_id: str, api_key_id: int | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 A spec is JSON (or YAML from the CLI)::
 
     name: summarise
+    priority: normal              # normal | low (waits behind every normal step)
     steps:
       - id: extract
         kind: generate            # generate | chat | embed
@@ -52,6 +53,7 @@ from app.workflows.templating import (
 from models.catalog import Catalog, CatalogEntry
 
 StepKind = Literal["generate", "chat", "embed"]
+Priority = Literal["normal", "low"]  # a low workflow's steps wait behind normal ones
 STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 # What a template may read of another step: steps.<id>.<field>[.<key>]
 STEP_FIELDS = {"output", "status", "attempts", "error"}
@@ -214,10 +216,11 @@ class StepSpec(_Strict):
 
 
 class WorkflowSpec(_Strict):
-    """A workflow: a name and a DAG of steps."""
+    """A workflow: a name, a DAG of steps and a priority."""
 
     name: str = Field(min_length=1, max_length=200)
     steps: list[StepSpec] = Field(min_length=1)
+    priority: Priority = Field("normal", description="low: its steps wait behind every normal step")
 
 
 @dataclass
