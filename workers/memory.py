@@ -4,7 +4,8 @@ A ``chat`` step with a ``conversation_id`` (or with memory ``tools`` and a ``use
 
 1. appends the step's own messages to the conversation (once, however often the step is
    retried), or answers the conversation's last message (``memory.upto``) when it has none;
-2. embeds the turn on the embedding pool and recalls the user's nearest earlier messages;
+2. embeds the turn on the embedding pool and recalls the user's nearest earlier messages
+   and archival (long-term memory) entries;
 3. assembles the context (:mod:`app.memory.context`), folding overflowing turns into the
    rolling summary first (:mod:`app.memory.summary`: inline on this model, or enqueued on
    ``CORRAL_MEMORY_SUMMARY_MODEL``);
@@ -26,7 +27,7 @@ from app.memory.context import Assembly, ContextRequest, PromptMessage, as_promp
 from app.memory.keys import tenant_of
 from app.memory.options import MemoryOptions
 from app.memory.recall import hits_with_messages
-from app.memory.schemas import Block, Conversation, SearchHit
+from app.memory.schemas import ArchiveHit, Block, Conversation, SearchHit
 from app.memory.service import Memory, get_memory
 from app.memory.store import NewMessage
 from app.memory.vectors import Vectors
@@ -73,6 +74,10 @@ def memory_chat(
     user_id = conv.user_id if conv is not None else str(params["user_id"])
     turn = _Turn(mem, tenant, conv, user_id, work, runtime, params, control)
     try:
+        if turn.opts.task == "consolidate":
+            from workers.consolidate import consolidate
+
+            return consolidate(mem, tenant, conv, runtime, params, turn.opts, control)
         return turn.summarise() if turn.opts.task == "summarise" else turn.reply()
     except (NotFoundError, SpecError) as exc:  # e.g. the conversation was deleted meanwhile
         raise StepInputError(str(exc)) from exc
@@ -100,6 +105,7 @@ class _Turn:
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0}
         self.report: dict[str, Any] = {"conversation_id": conv.id if conv else None}
         self.report["user_id"] = user_id
+        self.archive: list[ArchiveHit] = []  # long-term memory recalled for this turn
 
     # --- model calls --------------------------------------------------------------------
 
@@ -190,8 +196,12 @@ class _Turn:
         return [{**as_prompt(last[0]), "seq": last[0].seq}], upto
 
     def _recall(self, pinned: list[PromptMessage]) -> list[SearchHit]:
-        k = self.opts.semantic_k
-        if not k or not pinned or not embedding.embedding_on(self.mem):
+        """The candidate earlier messages; the archival entries go to ``self.archive``
+        (recalled with the same query vector)."""
+        k, archive_k = self.opts.semantic_k, self.opts.archive_k
+        if archive_k and not k and not self.mem.archive.count(self.tenant, self.user_id):
+            archive_k = 0  # no long-term memory yet: no query to embed for it
+        if not (k or archive_k) or not pinned or not embedding.embedding_on(self.mem):
             self.report["semantic"] = {"status": "off"}
             return []
         query = str(pinned[-1]["content"])
@@ -203,10 +213,17 @@ class _Turn:
             return []
         cid = self.conv.id if self.conv else ""
         exclude = {(cid, int(m["seq"])) for m in pinned if "seq" in m}
-        hits = hits_with_messages(
-            self.mem, self.tenant, self.user_id, vector, k * 3 + 16, exclude=exclude
-        )
-        self.report["semantic"] = {"status": "ok", "candidates": len(hits)}
+        hits = []
+        if k:
+            hits = hits_with_messages(
+                self.mem, self.tenant, self.user_id, vector, k * 3 + 16, exclude=exclude
+            )
+        self.archive = self.mem.archive.search(self.tenant, self.user_id, vector, archive_k)
+        self.report["semantic"] = {
+            "status": "ok",
+            "candidates": len(hits),
+            "archive_candidates": len(self.archive),
+        }
         return hits
 
     def _request(
@@ -238,6 +255,8 @@ class _Turn:
             semantic_share=self.opts.semantic_share,
             recent_limit=self.opts.recent_limit,
             extra=extra,
+            archive=self.archive,
+            archive_k=self.opts.archive_k,
         )
 
     def _fold(self, asm: Assembly) -> bool:
@@ -351,10 +370,18 @@ class _Turn:
                 blocks = tool_blocks
             asm = self._fit_tool_round(pinned, before, hits, blocks, tools_text, extra)
         self.report |= {"tokens": asm.tokens, "rounds": rounds}
-        self.report["counts"] = {"recent": len(asm.recent), "semantic": len(asm.semantic)}
+        self.report["counts"] = {
+            "recent": len(asm.recent),
+            "semantic": len(asm.semantic),
+            "archive": len(asm.archive),
+        }
         self.report["recalled"] = [
-            {"conversation_id": h.message.conversation_id, "seq": h.message.seq, "score": h.score}
+            {"conversation_id": m.conversation_id, "seq": m.seq, "score": h.score}
             for h in asm.semantic
+            if (m := h.message) is not None
+        ]
+        self.report["recalled_archive"] = [
+            {"id": h.entry.id, "kind": h.entry.kind, "score": h.score} for h in asm.archive
         ]
         self._record_reply(out["text"], calls)
         result = self._output(out["text"], out["finish_reason"], calls, out.get("timings") or {})

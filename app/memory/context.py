@@ -2,19 +2,22 @@
 
 The prompt is, in this order::
 
-    system:  system prompt · memory blocks · rolling summary · recalled messages · tools
+    system:  system prompt · memory blocks · rolling summary · long-term memory
+             · recalled messages · tools
     the latest turns of the conversation (as many as fit, oldest first)
     the turn being answered (always), then any tool rounds of this step
 
 The budget is the window (the model's ``n_ctx``, or ``memory.context_tokens``) minus
 ``max_tokens``. The fixed parts come first; the latest turns may take what is left except
-a reserve of ``memory.semantic_share`` for recalled messages (only as much as the recalled
-messages need); recalled messages fill what the latest turns leave. Every part is counted
-with the model's own tokenizer and the finished prompt is counted exactly through the
-model's chat template; while it is over budget the least valuable piece is dropped (the
-last recalled message, then the oldest turn). When older unsummarised turns did not fit,
-:attr:`Assembly.fold_upto` says through which seq to fold them into the rolling summary so
-that the rest takes at most half of the latest turns' share.
+a reserve of ``memory.semantic_share`` for what is recalled by similarity — archival
+entries (long-term memory, one line each) and earlier messages — only as much as they
+need; they fill what the latest turns leave, archival entries first. Every part is
+counted with the model's own tokenizer and the finished prompt is counted exactly through
+the model's chat template; while it is over budget the least valuable piece is dropped
+(the last recalled message, then the last archival entry, then the oldest turn). When
+older unsummarised turns did not fit, :attr:`Assembly.fold_upto` says through which seq to
+fold them into the rolling summary so that the rest takes at most half of the latest
+turns' share.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.core.errors import StepInputError
-from app.memory.schemas import Block, Conversation, Message, SearchHit
+from app.memory.schemas import ArchiveHit, Block, Conversation, Message, SearchHit
 from app.memory.store import ConversationStore
 
 PromptMessage = dict[str, Any]
@@ -58,6 +61,8 @@ class ContextRequest:
     semantic_share: float = 0.25
     recent_limit: int | None = None
     extra: list[PromptMessage] = field(default_factory=list)  # this step's tool rounds
+    archive: list[ArchiveHit] = field(default_factory=list)  # candidates, best first
+    archive_k: int = 3  # at most this many archival entries
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Assembly:
     semantic: list[SearchHit]
     overflow: bool
     fold_upto: int | None
+    archive: list[ArchiveHit] = field(default_factory=list)
 
 
 def message_tokens(m: Message, tok: Tokenizer) -> int:
@@ -92,9 +98,26 @@ def summary_section(summary: str) -> str:
 
 
 def recalled_line(hit: SearchHit, conversation_id: str | None) -> str:
-    m = hit.message
+    m = _message(hit)
     where = f"#{m.seq}" if m.conversation_id == conversation_id else "another conversation"
     return f"- [{m.created_at:%Y-%m-%d %H:%M} {m.role}, {where}] {m.content}"
+
+
+def archive_line(hit: ArchiveHit) -> str:
+    e = hit.entry
+    text = " ".join(e.text.split())
+    return f"- [{e.kind}, {e.updated_at:%Y-%m-%d}] {text}"
+
+
+def _message(hit: SearchHit) -> Message:
+    if hit.message is None:
+        raise ValueError("context assembly recalls message hits only")
+    return hit.message
+
+
+def _key(hit: SearchHit) -> tuple[str, int]:
+    m = _message(hit)
+    return m.conversation_id, m.seq
 
 
 def as_prompt(m: Message) -> PromptMessage:
@@ -172,31 +195,36 @@ def assemble(store: ConversationStore, tok: Tokenizer, req: ContextRequest) -> A
     fixed += sum(own) + sum(rounds) + per * (len(own) + len(rounds))
     free = max(0, budget - fixed)  # an estimate; the exact count below has the last word
     in_window = {(cid, int(m["seq"])) for m in req.pinned if "seq" in m}
-    lines = [
-        (h, recalled_line(h, cid))
-        for h in req.semantic
-        if (h.message.conversation_id, h.message.seq) not in in_window
-    ]
+    lines = [(h, recalled_line(h, cid)) for h in req.semantic if _key(h) not in in_window]
     line_cost = [tok.count_tokens(text) + 1 for _, text in lines]
     wanted = sorted(line_cost[: req.semantic_k * 2])[: req.semantic_k]
-    reserve = min(int(free * req.semantic_share), sum(wanted) + 8) if lines else 0
+    notes = [(h, archive_line(h)) for h in req.archive[: req.archive_k]]
+    note_cost = [tok.count_tokens(text) + 1 for _, text in notes]
+    wrappers = 8 * (bool(lines) + bool(notes))  # the sections' tags, roughly
+    wanted_all = sum(wanted) + sum(note_cost) + wrappers
+    reserve = min(int(free * req.semantic_share), wanted_all) if lines or notes else 0
     cap = free - reserve
     walked, overflow = _walk(store, tok, req, cap, per)
     recent_ids = {(cid, m.seq) for m, _ in walked}
-    room = free - sum(c for _, c in walked) - (8 if lines else 0)
+    room = free - sum(c for _, c in walked) - wrappers
+    noted: list[tuple[ArchiveHit, str, int]] = []
+    for (note, text), cost in zip(notes, note_cost, strict=True):
+        if cost <= room:
+            noted.append((note, text, cost))
+            room -= cost
     chosen: list[tuple[SearchHit, str, int]] = []
     for (hit, text), cost in zip(lines, line_cost, strict=True):
-        key = (hit.message.conversation_id, hit.message.seq)
-        if len(chosen) < req.semantic_k and key not in recent_ids and cost <= room:
+        if len(chosen) < req.semantic_k and _key(hit) not in recent_ids and cost <= room:
             chosen.append((hit, text, cost))
             room -= cost
     semantic_used = sum(c for _, _, c in chosen)
+    archive_used = sum(c for _, _, c in noted)
     while True:
-        messages = _render(sections, chosen, walked, req)
+        messages = _render(sections, noted, chosen, walked, req)
         exact = tok.count_chat_tokens(messages)
         if exact <= budget:
             break
-        if not chosen and not walked:
+        if not chosen and not noted and not walked:
             raise StepInputError(
                 f"the prompt is {exact} tokens even without history; with max_tokens "
                 f"{req.max_tokens} that is over the {req.window}-token window of model "
@@ -204,12 +232,17 @@ def assemble(store: ConversationStore, tok: Tokenizer, req: ContextRequest) -> A
             )
         # Estimates run low when text tokenizes differently inside the template: drop
         # enough to cover the overshoot, scaled by how far off the estimate was.
-        estimate = fixed + semantic_used + sum(c for _, c in walked)
+        estimate = fixed + semantic_used + archive_used + sum(c for _, c in walked)
         need = (exact - budget) * exact / max(estimate, 1)
-        while need > 0 and (chosen or walked):
-            if chosen and (semantic_used > reserve or not walked):
-                cost = chosen.pop()[2]
-                semantic_used -= cost
+        while need > 0 and (chosen or noted or walked):
+            recalled = chosen or noted
+            if recalled and (semantic_used + archive_used > reserve or not walked):
+                if chosen:
+                    cost = chosen.pop()[2]
+                    semantic_used -= cost
+                else:
+                    cost = noted.pop()[2]
+                    archive_used -= cost
             else:
                 cost = walked.pop()[1]
                 overflow = True
@@ -218,6 +251,7 @@ def assemble(store: ConversationStore, tok: Tokenizer, req: ContextRequest) -> A
         "system": counts.get("system", 0),
         "blocks": counts.get("blocks", 0),
         "summary": counts.get("summary", 0),
+        "archive": sum(c - 1 for _, _, c in noted),
         "semantic": sum(c - 1 for _, _, c in chosen),
         "tools": counts.get("tools", 0),
         "recent": sum(c - per for _, c in walked),
@@ -242,16 +276,22 @@ def assemble(store: ConversationStore, tok: Tokenizer, req: ContextRequest) -> A
         semantic=[h for h, _, _ in chosen],
         overflow=overflow,
         fold_upto=fold_upto,
+        archive=[h for h, _, _ in noted],
     )
 
 
 def _render(
     sections: dict[str, str],
+    noted: list[tuple[ArchiveHit, str, int]],
     chosen: list[tuple[SearchHit, str, int]],
     walked: list[tuple[Message, int]],
     req: ContextRequest,
 ) -> list[PromptMessage]:
     parts = [sections[k] for k in ("system", "blocks", "summary") if k in sections]
+    if noted:
+        parts.append(
+            "<long_term_memory>\n" + "\n".join(t for _, t, _ in noted) + "\n</long_term_memory>"
+        )
     if chosen:
         parts.append(
             "<recalled_messages>\n" + "\n".join(t for _, t, _ in chosen) + "\n</recalled_messages>"

@@ -10,11 +10,15 @@ Everything a tenant (an API key) owns lives under ``corral:mem:{tenant}:``::
     corral:mem:{t}:conv:{cid}:vec              STRING  scan index: records (int64 seq, f32[dim])
     corral:mem:{t}:conv:{cid}:vecbits          STRING  bitmap: seq has a vector
     corral:mem:{t}:conv:{cid}:summarising      STRING  lock: a summary workflow is queued
+    corral:mem:{t}:conv:{cid}:consolidating    STRING  claim: a consolidation run has it
     corral:mem:{t}:vec:{dim}:{cid}:{seq}       HASH  RediSearch index documents (when available)
     corral:mem:{t}:user:{uid}:convs            ZSET  the user's conversations → last activity
     corral:mem:{t}:user:{uid}:moments          ZSET  "cid:seq" → time, the user's key moments
     corral:mem:{t}:user:{uid}:blocks           HASH  block name → block JSON
     corral:mem:{t}:user:{uid}:block:{name}:log LIST  the block's edit history, newest first
+    corral:mem:{t}:user:{uid}:archive          HASH  archival entry id → entry JSON
+    corral:mem:{t}:user:{uid}:archive:time     ZSET  archival entry id → creation order
+    corral:mem:{t}:user:{uid}:archive:vec      HASH  archival entry id → f32[dim], normalised
     corral:mem:{t}:toolruns:{scope}            HASH  tool calls already executed by a step
 
 Every key of a conversation carries the conversation's TTL, renewed together on activity.
@@ -107,6 +111,9 @@ class Keys:
     def summarising(self, cid: str) -> str:
         return f"{self.base}:conv:{cid}:summarising"
 
+    def consolidating(self, cid: str) -> str:
+        return f"{self.base}:conv:{cid}:consolidating"
+
     def conversation_keys(self, cid: str) -> list[str]:
         """Every key that lives and expires with a conversation (metadata first)."""
         return [
@@ -135,6 +142,15 @@ class Keys:
 
     def block_log(self, uid: str, name: str) -> str:
         return f"{self.base}:user:{uid}:block:{name}:log"
+
+    def archive(self, uid: str) -> str:
+        return f"{self.base}:user:{uid}:archive"
+
+    def archive_time(self, uid: str) -> str:
+        return f"{self.base}:user:{uid}:archive:time"
+
+    def archive_vec(self, uid: str) -> str:
+        return f"{self.base}:user:{uid}:archive:vec"
 
     def toolruns(self, scope: str) -> str:
         return f"{self.base}:toolruns:{scope}"

@@ -46,6 +46,13 @@ class MemoryOptions(BaseModel):
     semantic_share: float = Field(
         default=0.25, ge=0, le=0.9, description="at most this share of the free context"
     )
+    archive_k: int = Field(
+        default=3,
+        ge=0,
+        le=50,
+        description="long-term memory entries recalled by similarity (within semantic_share); "
+        "0: none",
+    )
     recent_limit: int | None = Field(
         default=None, ge=0, le=100_000, description="at most this many latest messages"
     )
@@ -59,7 +66,14 @@ class MemoryOptions(BaseModel):
     system_prompt: str | None = Field(
         default=None, max_length=100_000, description="instead of the conversation's"
     )
-    task: Literal["reply", "summarise"] = Field(
-        default="reply", description="summarise: fold messages up to `upto` into the summary"
+    task: Literal["reply", "summarise", "consolidate"] = Field(
+        default="reply",
+        description="summarise: fold messages up to `upto` into the summary; consolidate: "
+        "learn long-term memory from the messages after the conversation's watermark",
     )
-    upto: int | None = Field(default=None, ge=1, description="summarise task: the last seq")
+    upto: int | None = Field(
+        default=None, ge=1, description="summarise and consolidate tasks: the last seq"
+    )
+    run: str | None = Field(
+        default=None, max_length=64, description="consolidate task: the consolidation run"
+    )

@@ -1,4 +1,5 @@
-"""Reading memory back: recent history, semantic search, key moments, enriched context.
+"""Reading memory back: recent history, semantic search (over messages and archival
+entries), key moments, enriched context.
 
 The same functions serve the API's memory routes, the model's memory tools and context
 assembly, so all three see a user's memory the same way.
@@ -10,7 +11,7 @@ from collections.abc import Collection
 from typing import Any
 
 from app.core.errors import ConfigError, ConflictError, SpecError
-from app.memory.schemas import Conversation, Message, SearchHit
+from app.memory.schemas import ArchiveEntry, Conversation, Message, SearchHit, SearchScope
 from app.memory.service import Memory, embed_model
 from app.memory.vectors import Vectors
 from models.catalog import CatalogEntry, load_catalog
@@ -49,6 +50,47 @@ def hits_with_messages(
     ]
 
 
+def archive_hits(
+    mem: Memory,
+    tenant: str,
+    user_id: str,
+    query: Vectors,
+    k: int,
+    *,
+    conversation_id: str | None = None,
+) -> list[SearchHit]:
+    """The ``k`` archival entries of the user nearest to ``query``, best first (only those
+    learnt from ``conversation_id`` when given)."""
+    if k <= 0:
+        return []
+    if conversation_id is None:
+        found = mem.archive.search(tenant, user_id, query, k)
+    else:
+        every = mem.archive.search(tenant, user_id, query, mem.archive.count(tenant, user_id))
+        found = [h for h in every if h.entry.source.conversation_id == conversation_id][:k]
+    return [SearchHit(score=h.score, source="archive", entry=h.entry) for h in found]
+
+
+def nearest(
+    mem: Memory,
+    tenant: str,
+    user_id: str,
+    query: Vectors,
+    k: int,
+    *,
+    scope: SearchScope = "messages",
+    conversation_id: str | None = None,
+) -> list[SearchHit]:
+    """The ``k`` nearest messages, archival entries, or both merged by score (best first;
+    a message before an entry of the same score)."""
+    found: list[SearchHit] = []
+    if scope != "archive":
+        found += hits_with_messages(mem, tenant, user_id, query, k, conversation_id=conversation_id)
+    if scope != "messages":
+        found += archive_hits(mem, tenant, user_id, query, k, conversation_id=conversation_id)
+    return sorted(found, key=lambda h: -h.score)[:k]
+
+
 def search(
     mem: Memory,
     tenant: str,
@@ -57,8 +99,10 @@ def search(
     k: int,
     *,
     conversation_id: str | None = None,
+    scope: SearchScope = "messages",
 ) -> list[SearchHit]:
-    """Embed ``query`` on the embedding pool and return the user's nearest messages."""
+    """Embed ``query`` once on the embedding pool and return the user's nearest messages,
+    archival entries, or both (``scope``)."""
     from app.memory.embedding import embed_queries
 
     limit = 50
@@ -74,7 +118,7 @@ def search(
             )
     search_model(mem)
     vector = embed_queries(mem, [query])[0]
-    return hits_with_messages(mem, tenant, user_id, vector, k, conversation_id=conversation_id)
+    return nearest(mem, tenant, user_id, vector, k, scope=scope, conversation_id=conversation_id)
 
 
 def search_model(mem: Memory) -> CatalogEntry:
@@ -126,6 +170,25 @@ def compact(message: Message, score: float | None = None) -> dict[str, Any]:
     return out
 
 
+def compact_entry(entry: ArchiveEntry, score: float | None = None) -> dict[str, Any]:
+    """An archival entry as a tool result shows it to the model."""
+    out: dict[str, Any] = {"source": "archive", "kind": entry.kind, "text": entry.text}
+    if score is not None:
+        out["score"] = round(score, 4)
+    out["conversation_id"] = entry.source.conversation_id
+    out["at"] = entry.updated_at.isoformat(timespec="seconds")
+    return out
+
+
+def compact_hit(hit: SearchHit) -> dict[str, Any]:
+    """A search hit as a tool result shows it: a message or an archival entry."""
+    if hit.entry is not None:
+        return compact_entry(hit.entry, hit.score)
+    if hit.message is None:
+        raise ValueError("a search hit holds a message or an archival entry")
+    return {"source": "message", **compact(hit.message, hit.score)}
+
+
 def enriched(
     mem: Memory,
     tenant: str,
@@ -137,17 +200,29 @@ def enriched(
     k: int = 5,
     moments: int = 5,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Recent turns, plus the nearest earlier messages, plus key moments — without repeats."""
+    """Recent turns, plus the nearest earlier messages, plus key moments — without repeats
+    — and the ``k`` nearest archival entries (long-term memory)."""
     recent_msgs = recent(mem, tenant, conv, limit) if conv is not None else []
     seen = {(m.conversation_id, m.seq) for m in recent_msgs}
     semantic: list[dict[str, Any]] = []
     if query is not None and k:
         for hit in hits_with_messages(mem, tenant, user_id, query, k, exclude=seen):
-            semantic.append(compact(hit.message, hit.score))
-            seen.add((hit.message.conversation_id, hit.message.seq))
+            if (m := hit.message) is not None:
+                semantic.append(compact(m, hit.score))
+                seen.add((m.conversation_id, m.seq))
     key = [
         compact(m)
         for m in mem.conversations.key_moments(tenant, user_id, moments)
         if (m.conversation_id, m.seq) not in seen
     ]
-    return {"recent": [compact(m) for m in recent_msgs], "semantic": semantic, "key_moments": key}
+    archive: list[dict[str, Any]] = []
+    if query is not None and k:
+        archive = [
+            compact_entry(h.entry, h.score) for h in mem.archive.search(tenant, user_id, query, k)
+        ]
+    return {
+        "recent": [compact(m) for m in recent_msgs],
+        "semantic": semantic,
+        "archive": archive,
+        "key_moments": key,
+    }

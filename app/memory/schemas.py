@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.memory.keys import USER_ID_PATTERN
 from app.memory.options import MemoryOptions, ToolChoice, ToolName
@@ -56,6 +56,9 @@ class Conversation(BaseModel):
     summary_upto: int
     summary_tokens: int | None
     summary_model: str | None
+    consolidated_upto: int = Field(
+        default=0, description="the last message consolidation has taken into long-term memory"
+    )
 
 
 class ConversationPage(BaseModel):
@@ -95,11 +98,66 @@ class BlockEdit(BaseModel):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
-class SearchHit(BaseModel):
-    """A message found by semantic search, with its cosine similarity to the query."""
+class ArchiveSource(BaseModel):
+    """Where an archival entry came from: a conversation's messages, by a run."""
+
+    conversation_id: str
+    from_seq: int
+    to_seq: int
+    run_id: str | None = None
+
+
+class ArchiveEntry(BaseModel):
+    """Something long-term memory holds about a user, learnt from a conversation."""
+
+    id: str
+    user_id: str
+    text: str
+    kind: Literal["fact", "preference", "event", "summary"]
+    block: str | None = Field(default=None, description="the memory block it was added to")
+    source: ArchiveSource
+    seen: int = Field(default=1, description="how many times consolidation has learnt it")
+    sources: list[dict[str, Any]] = Field(
+        default_factory=list, description="where it was seen again (latest 20)"
+    )
+    embedded: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class ArchiveHit(BaseModel):
+    """An archival entry and its cosine similarity to the query."""
 
     score: float
-    message: Message
+    entry: ArchiveEntry
+
+
+class ArchivePage(BaseModel):
+    """Archival entries newest first; pass ``next_cursor`` as ``cursor`` for more."""
+
+    items: list[ArchiveEntry]
+    next_cursor: str | None
+
+
+SearchScope = Literal["messages", "archive", "all"]
+
+
+class SearchHit(BaseModel):
+    """What semantic search found, with its cosine similarity to the query: a message
+    (``source: message``, in ``message``) or an archival entry (``source: archive``, in
+    ``entry``)."""
+
+    score: float
+    source: Literal["message", "archive"] = "message"
+    message: Message | None = None
+    entry: ArchiveEntry | None = None
+
+    @model_validator(mode="after")
+    def _holds_its_item(self) -> SearchHit:
+        is_message = self.source == "message"
+        if (self.message is not None) != is_message or (self.entry is not None) == is_message:
+            raise ValueError("a message hit holds `message`, an archive hit holds `entry`")
+        return self
 
 
 # --- request bodies -------------------------------------------------------------------
@@ -178,11 +236,17 @@ class BlockPut(_Strict):
 
 
 class SearchRequest(_Strict):
-    """Semantic search over a user's messages."""
+    """Semantic search over a user's messages and/or long-term (archival) memory."""
 
     query: str = Field(min_length=1, max_length=20_000)
     k: int = Field(default=5, ge=1)
-    conversation_id: str | None = None
+    conversation_id: str | None = Field(
+        default=None, description="only messages (and entries learnt from) this conversation"
+    )
+    scope: SearchScope = Field(
+        default="messages",
+        description="messages, archive (long-term memory) or all (both, by score, k in total)",
+    )
 
 
 class ToolRequest(_Strict):

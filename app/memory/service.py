@@ -11,6 +11,7 @@ import redis
 from app.core.config import Settings, get_settings
 from app.core.errors import ConfigError, UnknownModelError
 from app.core.redis import get_redis
+from app.memory.archive import ArchiveStore
 from app.memory.blocks import BlockStore
 from app.memory.store import ConversationStore
 from app.memory.vectors import VectorIndex, detect_index
@@ -19,13 +20,15 @@ from models.catalog import CatalogEntry, load_catalog
 
 @dataclass
 class Memory:
-    """Conversations, blocks and vectors on one Redis, configured by one ``Settings``."""
+    """Conversations, blocks, vectors and archival memory on one Redis, configured by one
+    ``Settings``."""
 
     redis: redis.Redis
     settings: Settings
     conversations: ConversationStore
     blocks: BlockStore
     vectors: VectorIndex
+    archive: ArchiveStore
 
 
 def build_memory(client: redis.Redis, settings: Settings) -> Memory:
@@ -43,6 +46,7 @@ def build_memory(client: redis.Redis, settings: Settings) -> Memory:
         vectors=detect_index(
             client, settings.memory_vector_index, settings.memory_vector_cache_mb << 20
         ),
+        archive=ArchiveStore(client),
     )
 
 

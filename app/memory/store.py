@@ -144,6 +144,7 @@ _META_FIELDS = (
     "summary_upto",
     "summary_tokens",
     "summary_model",
+    "consolidated_upto",
 )
 
 
@@ -244,6 +245,7 @@ class ConversationStore:
             summary_upto=int(row["summary_upto"] or 0),
             summary_tokens=int(row["summary_tokens"]) if row["summary_tokens"] else None,
             summary_model=row["summary_model"],
+            consolidated_upto=int(row["consolidated_upto"] or 0),
         )
 
     def get(self, tenant: str, cid: str) -> Conversation:

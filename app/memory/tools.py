@@ -31,7 +31,7 @@ from app.core.errors import CorralError, SpecError
 from app.memory import recall
 from app.memory.blocks import DEFAULT_BLOCKS
 from app.memory.keys import Keys
-from app.memory.schemas import Block, Conversation
+from app.memory.schemas import Block, Conversation, SearchScope
 from app.memory.service import Memory
 from app.memory.vectors import Vectors
 
@@ -62,6 +62,7 @@ class LimitArgs(_Args):
 class SearchArgs(_Args):
     query: str = Field(min_length=1, max_length=2000)
     k: int = Field(default=5, ge=1, le=20)
+    scope: SearchScope = "all"  # models see long-term memory unless they ask otherwise
 
 
 class EnrichedArgs(_Args):
@@ -83,11 +84,12 @@ DESCRIPTIONS = {
     "memory_replace": '{"block": NAME, "old": TEXT, "new": TEXT}: replace text in a block '
     '("new": "" deletes it)',
     "recent_history": '{"limit": N}: the latest messages of this conversation',
-    "semantic_search": '{"query": TEXT, "k": N}: earlier messages of this user most similar '
-    "to the query, from any conversation",
+    "semantic_search": '{"query": TEXT, "k": N, "scope": "all"}: what this user said earlier '
+    "(from any conversation) and long-term memory (facts, preferences, events learnt from "
+    'past conversations) most similar to the query; scope "messages" or "archive" for one',
     "key_moments": '{"limit": N}: messages marked as key moments (breakthroughs)',
     "enriched_context": '{"query": TEXT, "limit": N, "k": N}: recent messages, similar '
-    "earlier ones and key moments together",
+    "earlier ones, long-term memory and key moments together",
 }
 
 
@@ -174,6 +176,8 @@ def grammar(tools: Sequence[str], blocks: dict[str, Block]) -> str | None:
         "str": f'"\\"" [^"\\\\\\x00-\\x1f]{{1,{TEXT_CHARS}}} "\\""',
         "num": "[1-9]",
     }
+    if "semantic_search" in tools:
+        rules["scope"] = _alternatives(["all", "messages", "archive"])
     names = list(blocks) or list(DEFAULT_BLOCKS)
     rules["block"] = _alternatives(names)
     calls: list[str] = []
@@ -199,7 +203,8 @@ def grammar(tools: Sequence[str], blocks: dict[str, Block]) -> str | None:
                 rules["replace-target"] = " | ".join(f"( {o} )" for o in options)
                 call(tool, "replace-target " + _gbnf(', "new": ') + " str")
         elif tool == "semantic_search":
-            call(tool, _gbnf('"query": ') + " str " + _gbnf(', "k": ') + " num")
+            scope = "( " + _gbnf(', "scope": ') + " scope )?"
+            call(tool, _gbnf('"query": ') + " str " + _gbnf(', "k": ') + " num " + scope)
         elif tool == "enriched_context":
             call(tool, _gbnf('"query": ') + " str")
         else:  # recent_history, key_moments
@@ -271,8 +276,8 @@ def _run(ctx: ToolContext, tool: str, args: _Args) -> Any:
         return {"block": block.name, "value": block.value, "version": block.version}
     if isinstance(args, SearchArgs):
         vector = ctx.embed_query(args.query)
-        hits = recall.hits_with_messages(mem, tenant, user, vector, args.k)
-        return [recall.compact(h.message, h.score) for h in hits]
+        hits = recall.nearest(mem, tenant, user, vector, args.k, scope=args.scope)
+        return [recall.compact_hit(h) for h in hits]
     if isinstance(args, EnrichedArgs):
         query = ctx.embed_query(args.query) if args.query and args.k else None
         return recall.enriched(

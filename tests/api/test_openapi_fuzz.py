@@ -8,8 +8,8 @@ answered with a 2xx, 3xx or 4xx, never a server error.
 
 Random ids name nothing, so most calls on ``/{conversation_id}`` or ``/{user_id}`` would
 only ever meet a 404: before each operation's test a conversation with messages, a key
-moment and a memory block is planted for the key, and about half of the generated cases
-address it instead (:func:`flatmap_path_parameters`).
+moment, a memory block and an archival entry are planted for the key, and about half of
+the generated cases address it instead (:func:`flatmap_path_parameters`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from schemathesis.checks import not_a_server_error
 from app.api.main import create_app
 from app.core.config import Settings, use_settings
 from app.memory import tools
+from app.memory.archive import NewEntry
 from app.memory.keys import tenant_of
 from app.memory.service import get_memory
 from app.memory.store import NewMessage
@@ -84,8 +85,8 @@ def fuzz_settings(isolated: Settings) -> Iterator[Settings]:
 
 @pytest.fixture
 def api_key(fuzz_settings: Settings) -> Iterator[str]:
-    """A new API key, with a conversation of three messages (the second a key moment) and
-    a memory block of its user planted for it."""
+    """A new API key, with a conversation of three messages (the second a key moment), a
+    memory block and an archival entry of its user planted for it."""
     with db.session_scope(write=True) as session:
         row, key = keys.create_key(session, "openapi-fuzz", admin=True)
     tenant, mem = tenant_of(row.id), get_memory()
@@ -96,11 +97,14 @@ def api_key(fuzz_settings: Settings) -> Iterator[str]:
     )
     mem.conversations.mark(tenant, conv.id, 2, on=True, note="planted")
     mem.blocks.put(tenant, user, "notes", "planted", source="api")
+    learnt = NewEntry("planted", "fact", conv.id, 1, 3)
+    mem.archive.add(tenant, user, [learnt])
     PLANTED.update(
         conversation_id=[conv.id],
         seq=[-1, 0, 1, 2, 3, 4],
         user_id=[user],
         name=["notes"],
+        entry_id=[learnt.id],
         tool=list(tools.ARGS),
     )
     yield key

@@ -92,7 +92,17 @@ def test_context_never_exceeds_the_window(
     asm = assemble(mem.conversations, chat_runtime, req)
     exact = chat_runtime.count_chat_tokens(asm.messages)
     assert exact == asm.tokens["prompt"] <= window - max_tokens
-    parts = ("system", "blocks", "summary", "semantic", "tools", "recent", "input", "tool_rounds")
+    parts = (
+        "system",
+        "blocks",
+        "summary",
+        "archive",
+        "semantic",
+        "tools",
+        "recent",
+        "input",
+        "tool_rounds",
+    )
     assert sum(asm.tokens[p] for p in parts) + asm.tokens["template"] == exact
     assert asm.tokens["budget"] == window - max_tokens
     # The latest turns are a contiguous run that ends right before the turn being answered.
