@@ -107,7 +107,11 @@ def through_corral(
 
 
 def _start(
-    work: Path, model: str, procs: dict[str, subprocess.Popen[bytes]], stack: ExitStack
+    work: Path,
+    model: str,
+    procs: dict[str, subprocess.Popen[bytes]],
+    stack: ExitStack,
+    extra_workers: tuple[str, ...] | list[str] = (),
 ) -> tuple[Settings, str]:
     redis_url = os.environ.get("CORRAL_BENCH_REDIS_URL")
     if not redis_url:
@@ -128,10 +132,13 @@ def _start(
     port = free_port()
     logs = work / "logs"
     logs.mkdir()
-    for name, args in {
+    commands = {
         "api": ["api", "--port", str(port)],
         "worker": ["worker", "--model", model, "--gpu", "none", "--concurrency", "1"],
-    }.items():
+    }
+    for extra in extra_workers:
+        commands[extra] = ["worker", "--model", extra, "--gpu", "none", "--concurrency", "1"]
+    for name, args in commands.items():
         with (logs / f"{name}.log").open("ab") as out:
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "app.cli.main", *args],

@@ -12,6 +12,7 @@ from celery import Celery
 from app.core.config import get_settings
 from app.workflows.names import (
     GOVERNANCE_EVALUATE_TASK,
+    MEMORY_CONSOLIDATE_TASK,
     MEMORY_PRUNE_TASK,
     MEMORY_SWEEP_TASK,
     RECONCILE_TASK,
@@ -65,6 +66,11 @@ def make_celery() -> Celery:
             RECONCILE_TASK: {"task": RECONCILE_TASK, "schedule": settings.reconcile_s},
             MEMORY_SWEEP_TASK: {"task": MEMORY_SWEEP_TASK, "schedule": settings.reconcile_s},
             MEMORY_PRUNE_TASK: {"task": MEMORY_PRUNE_TASK, "schedule": settings.memory_prune_s},
+            MEMORY_CONSOLIDATE_TASK: {
+                "task": MEMORY_CONSOLIDATE_TASK,
+                "schedule": settings.consolidate_s,
+                "options": {"expires": settings.consolidate_s},
+            },
             GOVERNANCE_EVALUATE_TASK: {
                 "task": GOVERNANCE_EVALUATE_TASK,
                 "schedule": settings.governance_interval_s,

@@ -16,6 +16,7 @@ from app.workflows.names import (
     EMBED_QUERY_TASK,
     EMBED_TASK,
     GOVERNANCE_EVALUATE_TASK,
+    MEMORY_CONSOLIDATE_TASK,
     MEMORY_PRUNE_TASK,
     MEMORY_SWEEP_TASK,
     RECONCILE_TASK,
@@ -99,6 +100,17 @@ def memory_prune_task() -> int:
     from app.memory.service import get_memory
 
     return get_memory().conversations.prune_expired()
+
+
+@celery_app.task(name=MEMORY_CONSOLIDATE_TASK)  # type: ignore[untyped-decorator]
+def memory_consolidate_task() -> dict[str, Any]:
+    """Start a consolidation run when the window is open (finish the runs that ended)."""
+    from app.memory import consolidate
+
+    run = consolidate.tick()
+    if run is None:
+        return {"skipped": "outside CORRAL_CONSOLIDATE_WINDOW, or nothing to consolidate"}
+    return {"run": run["id"], "status": run["status"], "planned": run["planned"]}
 
 
 @celery_app.task(name=GOVERNANCE_EVALUATE_TASK)  # type: ignore[untyped-decorator]

@@ -11,6 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api import errors
 from app.api.routes import (
     alerts,
+    consolidation,
     conversations,
     gpus,
     health,
@@ -56,6 +57,7 @@ def create_app() -> FastAPI:
         openai_compat,
         gpus,
         conversations,
+        consolidation,
         memory,
         rules,
         alerts,

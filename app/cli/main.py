@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, ProgrammingError
 
-from app.cli import governance_cmd, models_cmd
+from app.cli import governance_cmd, memory_cmd, models_cmd
 from app.core.config import get_settings
 from app.core.errors import CorralError, PlacementError
 from app.workflows.names import SYSTEM_QUEUE, WORKER_APP, WORKER_LAUNCH
@@ -36,6 +36,7 @@ db_app = typer.Typer(help="The database.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(models_cmd.app, name="models")
+app.add_typer(memory_cmd.app, name="memory")
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)

@@ -170,6 +170,26 @@ class Settings(BaseSettings):
     memory_summary_max_tokens: int = Field(default=256, ge=16)
     memory_respond_timeout_s: float = Field(default=120.0, gt=0)
 
+    # Consolidation (app/memory/consolidate.py): conversations become long-term memory.
+    consolidate_s: float = Field(default=900.0, gt=0, description="beat: how often it looks")
+    consolidate_idle_s: float = Field(
+        default=1800.0, ge=0, description="a conversation quiet this long is consolidated"
+    )
+    consolidate_model: str = Field(default="", description="'' = the first chat model present")
+    consolidate_window: str = Field(
+        default="", description="UTC 'HH:MM-HH:MM' when beat may run it; '' = any time"
+    )
+    consolidate_max_items: int = Field(default=200, ge=1, description="conversations per run")
+    consolidate_batch: int = Field(default=8, ge=1, le=64, description="conversations per task")
+    consolidate_max_tokens: int = Field(default=512, ge=64, description="per model answer")
+    consolidate_max_facts: int = Field(default=6, ge=1, le=32, description="per answer")
+    consolidate_dedupe: float = Field(
+        default=0.92, gt=0, le=1, description="cosine above which a fact repeats an entry"
+    )
+    consolidate_lease_s: float = Field(
+        default=900.0, gt=0, description="a claimed conversation is free again after this"
+    )
+
     # Governance (app/governance): rules that beat evaluates.
     governance_interval_s: float = Field(
         default=15.0, gt=0, description="beat: how often the rules are evaluated"
@@ -188,6 +208,14 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
     webhook_max_retries: int = Field(default=5, ge=0, le=20)
+
+    @field_validator("consolidate_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        from app.core.window import parse_window
+
+        parse_window(value)  # raises ValueError naming the format
+        return value.strip()
 
     @field_validator("data_dir", "models_dir", "catalog_path")
     @classmethod

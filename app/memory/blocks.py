@@ -10,7 +10,7 @@ the block's edit history naming who made it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
 import redis
@@ -199,21 +199,91 @@ class BlockStore:
                 "detail": detail,
             }
             pipe.multi()
-            if op == "delete":
-                pipe.hdel(blocks_key, name)
-            else:
-                stored = {
-                    "value": value,
-                    "limit": block.limit,
-                    "description": block.description,
-                    "version": block.version,
-                    "updated_at": now,
-                }
-                pipe.hset(blocks_key, name, json.dumps(stored))
-            if self.history_max:
-                pipe.lpush(log_key, json.dumps(edit))
-                pipe.ltrim(log_key, 0, self.history_max - 1)
+            self._write(pipe, blocks_key, log_key, block, edit, now, delete=op == "delete")
             result[:] = [block.model_copy(update={"updated_at": from_ms(now)})]
 
         self.redis.transaction(txn, blocks_key)
         return result[0]
+
+    def _write(
+        self,
+        pipe: Pipeline,
+        blocks_key: str,
+        log_key: str,
+        block: Block,
+        edit: dict[str, Any],
+        now: int,
+        *,
+        delete: bool = False,
+    ) -> None:
+        """Queue a block's new value and its history entry on a MULTI pipeline."""
+        if delete:
+            pipe.hdel(blocks_key, block.name)
+        else:
+            stored = {
+                "value": block.value,
+                "limit": block.limit,
+                "description": block.description,
+                "version": block.version,
+                "updated_at": now,
+            }
+            pipe.hset(blocks_key, block.name, json.dumps(stored))
+        if self.history_max:
+            pipe.lpush(log_key, json.dumps(edit))
+            pipe.ltrim(log_key, 0, self.history_max - 1)
+
+    def stage_appends(
+        self,
+        pipe: Pipeline,
+        tenant: str,
+        user_id: str,
+        appends: Sequence[tuple[str, str]],
+        *,
+        source: str,
+        now: int,
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]], Callable[[Pipeline], None]]:
+        """Plan appending each (block, text) inside a caller's transaction: ``pipe`` WATCHes
+        the user's blocks and has not begun MULTI. A text the block already holds, or one
+        that would take the block past its limit, is skipped with the reason. Returns the
+        appends made, the skipped ones, and the function that queues the writes after MULTI."""
+        k = Keys(tenant)
+        raw = cast(dict[bytes, bytes], pipe.hgetall(k.blocks(user_id)))
+        blocks = {n.decode(): self._parse(n.decode(), v) for n, v in raw.items()}
+        changed: dict[str, tuple[Block, list[dict[str, Any]]]] = {}
+        applied: list[tuple[str, str]] = []
+        skipped: list[tuple[str, str, str]] = []
+        for name, text in appends:
+            if name in changed:
+                block = changed[name][0]
+            else:
+                block = (blocks.get(name) or self._empty(name)).model_copy()
+            value = f"{block.value}\n{text}" if block.value else text
+            if text.casefold() in block.value.casefold():
+                skipped.append((name, text, "already in the block"))
+            elif len(value) > block.limit:
+                skipped.append(
+                    (name, text, f"would make it {len(value)} characters; limit {block.limit}")
+                )
+            else:
+                old = block.value
+                block.value, block.version = value, block.version + 1
+                edit = {
+                    "version": block.version,
+                    "op": "append",
+                    "source": source,
+                    "old": old,
+                    "new": value,
+                    "at": now,
+                    "detail": {"text": text},
+                }
+                changed.setdefault(name, (block, []))[1].append(edit)
+                applied.append((name, text))
+
+        def write(multi: Pipeline) -> None:
+            for name, (block, edits) in changed.items():
+                for edit in edits:
+                    self._write(
+                        multi, k.blocks(user_id), k.block_log(user_id, name), block, edit, now
+                    )
+
+        return applied, skipped, write

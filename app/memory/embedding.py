@@ -143,8 +143,11 @@ def answer_query(mem: Memory, reply_key: str, texts: Sequence[str], embed: Embed
     pipe.execute()
 
 
-def embed_queries(mem: Memory, texts: Sequence[str], timeout_s: float | None = None) -> Vectors:
-    """Vectors of ``texts`` from the embedding pool (``ServiceUnavailable`` if none answers)."""
+def embed_queries(
+    mem: Memory, texts: Sequence[str], timeout_s: float | None = None, *, documents: bool = False
+) -> Vectors:
+    """Vectors of ``texts`` from the embedding pool (``ServiceUnavailable`` if none answers):
+    as queries, or with ``documents`` as stored texts (each prefix as configured)."""
     entry = embed_model(mem.settings)
     if entry is None:
         raise ConfigError(
@@ -153,7 +156,8 @@ def embed_queries(mem: Memory, texts: Sequence[str], timeout_s: float | None = N
         )
     timeout_s = timeout_s or mem.settings.memory_embed_timeout_s
     reply_key = f"{ROOT}:_rpc:{uuid.uuid4().hex}"
-    prefixed = [mem.settings.memory_query_prefix + t for t in texts]
+    prefix = mem.settings.memory_document_prefix if documents else mem.settings.memory_query_prefix
+    prefixed = [prefix + t for t in texts]
     try:
         _send(EMBED_QUERY_TASK, [reply_key, prefixed], entry.name, expires=timeout_s)
     except Exception as exc:

@@ -317,3 +317,32 @@ class GovernanceTick(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     tick: int = Field(default=0, sa_type=BigInteger)
     at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class ConsolidationRun(SQLModel, table=True):
+    """One consolidation run (beat's or a manual one): what it planned, and, once its
+    batches ended, what they learnt (counted in Redis with each commit, copied here)."""
+
+    __tablename__ = "consolidation_run"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    trigger: str = Field(max_length=16)  # beat | manual
+    requested_by: int | None = Field(default=None, foreign_key="api_key.id")
+    status: str = Field(default="running", max_length=16, index=True)
+    model: str | None = Field(default=None, max_length=128)
+    started_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False, index=True)
+    )
+    finished_at: datetime | None = _ts()
+    candidates: int = 0
+    planned: int = 0
+    conversations: int = 0
+    facts: int = 0
+    merged: int = 0
+    block_edits: int = 0
+    block_skipped: int = 0
+    errors: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    workflow_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
