@@ -1,4 +1,10 @@
-"""Celery tasks: thin, explicitly named, taking ids; bodies are plain functions."""
+"""Celery tasks: thin, explicitly named, taking ids; bodies are plain functions.
+
+Beat's periodic tasks are acknowledged when they start (``acks_late=False``): each is
+idempotent and the next tick does its work again, so one lost with its worker costs
+nothing, and no acknowledgement is left pending on a broker connection that drops while
+it runs (Celery's consumer discards that connection, and a late ack on it would fail).
+"""
 
 from __future__ import annotations
 
@@ -75,13 +81,13 @@ def memory_embed_query_task(reply_key: str, texts: list[str]) -> None:
     embedding.answer_query(get_memory(), reply_key, texts, _embedder())
 
 
-@celery_app.task(name=RECONCILE_TASK)  # type: ignore[untyped-decorator]
+@celery_app.task(name=RECONCILE_TASK, acks_late=False)  # type: ignore[untyped-decorator]
 def reconcile_task() -> int:
     """Send steps that were readied but never reached the broker; returns how many."""
     return dispatch.reconcile(get_settings().reconcile_after_s)
 
 
-@celery_app.task(name=MEMORY_SWEEP_TASK)  # type: ignore[untyped-decorator]
+@celery_app.task(name=MEMORY_SWEEP_TASK, acks_late=False)  # type: ignore[untyped-decorator]
 def memory_sweep_task() -> int:
     """Re-kick embedding when messages wait and no embed task is on its way (a lost task)."""
     from app.memory.embedding import kick, pending_count
@@ -94,7 +100,7 @@ def memory_sweep_task() -> int:
     return waiting
 
 
-@celery_app.task(name=MEMORY_PRUNE_TASK)  # type: ignore[untyped-decorator]
+@celery_app.task(name=MEMORY_PRUNE_TASK, acks_late=False)  # type: ignore[untyped-decorator]
 def memory_prune_task() -> int:
     """Drop expired conversations from the tenants' and users' lists; returns how many."""
     from app.memory.service import get_memory
@@ -102,7 +108,7 @@ def memory_prune_task() -> int:
     return get_memory().conversations.prune_expired()
 
 
-@celery_app.task(name=MEMORY_CONSOLIDATE_TASK)  # type: ignore[untyped-decorator]
+@celery_app.task(name=MEMORY_CONSOLIDATE_TASK, acks_late=False)  # type: ignore[untyped-decorator]
 def memory_consolidate_task() -> dict[str, Any]:
     """Start a consolidation run when the window is open (finish the runs that ended)."""
     from app.memory import consolidate
@@ -113,7 +119,7 @@ def memory_consolidate_task() -> dict[str, Any]:
     return {"run": run["id"], "status": run["status"], "planned": run["planned"]}
 
 
-@celery_app.task(name=GOVERNANCE_EVALUATE_TASK)  # type: ignore[untyped-decorator]
+@celery_app.task(name=GOVERNANCE_EVALUATE_TASK, acks_late=False)  # type: ignore[untyped-decorator]
 def governance_evaluate_task() -> dict[str, Any]:
     """Evaluate the governance rules for this tick (a second beat's run is a no-op)."""
     from app.governance.evaluate import evaluate
