@@ -89,7 +89,6 @@ def start(
         return None
     run.candidates, run.planned = len(found), len(claimed)
     run.options = {**options, "items": [[t, cid] for t, cid, _ in claimed]}
-    _insert(run)  # before the batches: a step that ends at once finds its run
     by_tenant: dict[str, list[tuple[str, str, int]]] = {}
     for item in claimed:
         by_tenant.setdefault(item[0], []).append(item)
@@ -106,10 +105,11 @@ def start(
                 errors.append({"error": f"could not submit {len(part)} conversations: {exc}"})
                 for _t, cid, _upto in part:
                     release(mem, run.id, t, cid)
-    with db.session_scope(write=True) as session:
-        row = session.get(ConsolidationRun, run.id)
-        assert row is not None
-        row.workflow_ids, row.errors = workflow_ids, errors
+    # Recorded once its batches are: a run is finished when all its workflows have ended,
+    # which a run without its workflow ids yet would be at once. Steps count what they
+    # commit in Redis under the run's id, so they need no row.
+    run.workflow_ids, run.errors = workflow_ids, errors
+    _insert(run)
     if not workflow_ids:
         return _end(run.id, "failed" if errors else "empty", errors)
     return get_run(run.id)

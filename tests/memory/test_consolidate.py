@@ -17,7 +17,7 @@ from app.core.config import Settings, use_settings
 from app.core.redis import get_redis
 from app.core.window import in_window, parse_window
 from app.memory import consolidate, learn
-from app.memory.keys import Keys
+from app.memory.keys import Keys, key_id_of, tenant_of
 from app.memory.learn import Fact, Learnt
 from app.memory.options import MemoryOptions
 from app.memory.service import Memory, build_memory
@@ -248,3 +248,36 @@ def test_outside_the_window_beat_starts_no_run(settings: Settings) -> None:
         before = len(consolidate.list_runs(500))
         assert consolidate.tick(datetime(2026, 11, 23, 12, 0, tzinfo=UTC)) is None
         assert len(consolidate.list_runs(500)) == before
+
+
+def test_a_run_is_recorded_with_its_batches_and_not_finished_before_they_end(
+    isolated: Settings,
+) -> None:
+    """No pool runs here, so the batch stays queued: the run stays running however often
+    beat's tick looks at it, and finishes (cancelled batch: failed) once its workflow ends."""
+    from app.store import db, keys
+    from app.workflows import service
+
+    with db.session_scope(write=True) as session:
+        row, _key = keys.create_key(session, "consolidation")
+    tenant = tenant_of(row.id)
+    mem = build_memory(get_redis(), isolated)
+    cid = conversation(mem, tenant, "gi", 2)
+    run = consolidate.start("manual", idle_s=0, tenant=tenant, model="tiny-chat")
+    assert run is not None and run["status"] == "running", run
+    assert run["planned"] == 1 and len(run["workflow_ids"]) == 1
+    assert run["options"] == {"idle_s": 0, "max_items": 200, "tenant": tenant, "user_id": None}
+    for _ in range(3):
+        consolidate.finish_ended()
+        assert consolidate.get_run(run["id"])["status"] == "running"
+    # A second run finds the conversation claimed.
+    again = consolidate.start("manual", idle_s=0, tenant=tenant, model="tiny-chat")
+    assert again is not None and again["planned"] == 0 and again["status"] == "empty"
+    [wid] = run["workflow_ids"]
+    service.cancel(wid, key_id_of(tenant))
+    ended = consolidate.get_run(run["id"])
+    assert ended["status"] == "failed" and ended["finished_at"] is not None
+    assert ended["errors"] and ended["errors"][0]["status"] == "cancelled"
+    assert mem.conversations.get(tenant, cid).consolidated_upto == 0
+    # Its claim is released: the next run takes the conversation.
+    assert [c for _, c, _ in consolidate.candidates(mem, 0, 10, tenant=tenant)] == [cid]
