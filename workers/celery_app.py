@@ -16,6 +16,7 @@ from app.workflows.names import (
     MEMORY_PRUNE_TASK,
     MEMORY_SWEEP_TASK,
     RECONCILE_TASK,
+    SCHEDULER_CLEANUP_TASK,
     STEP_TASK,
     SYSTEM_QUEUE,
     queue_for,
@@ -70,6 +71,11 @@ def make_celery() -> Celery:
                 "task": MEMORY_CONSOLIDATE_TASK,
                 "schedule": settings.consolidate_s,
                 "options": {"expires": settings.consolidate_s},
+            },
+            SCHEDULER_CLEANUP_TASK: {
+                "task": SCHEDULER_CLEANUP_TASK,
+                "schedule": settings.cleanup_s,
+                "options": {"expires": settings.cleanup_s},
             },
             GOVERNANCE_EVALUATE_TASK: {
                 "task": GOVERNANCE_EVALUATE_TASK,

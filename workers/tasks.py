@@ -26,6 +26,7 @@ from app.workflows.names import (
     MEMORY_PRUNE_TASK,
     MEMORY_SWEEP_TASK,
     RECONCILE_TASK,
+    SCHEDULER_CLEANUP_TASK,
     STEP_TASK,
     WEBHOOK_TASK,
 )
@@ -117,6 +118,15 @@ def memory_consolidate_task() -> dict[str, Any]:
     if run is None:
         return {"skipped": "outside CORRAL_CONSOLIDATE_WINDOW, or nothing to consolidate"}
     return {"run": run["id"], "status": run["status"], "planned": run["planned"]}
+
+
+@celery_app.task(name=SCHEDULER_CLEANUP_TASK, acks_late=False)  # type: ignore[untyped-decorator]
+def scheduler_cleanup_task() -> dict[str, Any]:
+    """Reclaim dead leases; report stranded GPU memory and the plans for waiting pools."""
+    from app.scheduler import fragmentation
+
+    report = fragmentation.tick()
+    return {k: report[k] for k in ("reclaimed_leases", "free_bytes", "stranded_bytes")}
 
 
 @celery_app.task(name=GOVERNANCE_EVALUATE_TASK, acks_late=False)  # type: ignore[untyped-decorator]

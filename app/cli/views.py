@@ -63,6 +63,33 @@ def print_gpus(console: Console) -> None:
         console.print(waiting)
     else:
         console.print("no pool is waiting for room")
+    _print_fragmentation(console)
+
+
+def _print_fragmentation(console: Console) -> None:
+    """Beat's last fragmentation report: stranded memory per host, and the plans."""
+    from app.scheduler.fragmentation import latest
+
+    report = latest()
+    if report is None:
+        console.print("no fragmentation report yet (beat's corral.scheduler.cleanup makes one)")
+        return
+    hosts = Table(title="fragmentation (beat's last cleanup pass)")
+    for col in ("host", "free", "stranded", "largest hole"):
+        hosts.add_column(col)
+    for h in report["hosts"]:
+        hosts.add_row(
+            h["host"],
+            format_bytes(h["free"]),
+            format_bytes(h["stranded"]),
+            format_bytes(h["largest_hole"]),
+        )
+    console.print(hosts)
+    for p in report["plans"]:
+        moves = ", ".join(f"{m['model']} {m['from_gpu']}→{m['to_gpu']}" for m in p["moves"])
+        where = ", ".join(k for k, _ in p["placement"])
+        detail = p["reason"] or (f"after moving {moves}: " if moves else "") + where
+        console.print(f"{p['model']} ({format_bytes(p['need_bytes'])}): {p['action']} {detail}")
 
 
 # What to do when a service does not answer, after what the probe says.

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     kv_cache_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = "f16"
     flash_attention: bool = False
     lease_ttl_s: float = Field(default=30.0, gt=0, description="a dead holder's lease lasts this")
+    cleanup_s: float = Field(
+        default=30.0, gt=0, description="beat: fragmentation cleanup (dead leases, stranded memory)"
+    )
     placement_poll_s: float = Field(default=2.0, gt=0, description="retry period when pending")
 
     # One model worker: `corral worker` sets these in its own environment, after placing

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.api.deps import ApiKeyDep
-from app.scheduler import live
+from app.scheduler import fragmentation, live
 from app.scheduler.service import gpus_view
 
 router = APIRouter(prefix="/v1", tags=["scheduler"])
@@ -16,8 +16,9 @@ router = APIRouter(prefix="/v1", tags=["scheduler"])
 
 @router.get("/gpus")
 def list_gpus(_key: ApiKeyDep) -> dict[str, Any]:
-    """Inventory per host and GPU, reservations, free memory, and pools waiting for room."""
-    return gpus_view()
+    """Inventory per host and GPU, reservations, free memory, pools waiting for room, and
+    beat's last fragmentation report (stranded memory per GPU and host, plans)."""
+    return {**gpus_view(), "fragmentation": fragmentation.latest()}
 
 
 @router.get("/pools")
