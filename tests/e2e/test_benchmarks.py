@@ -189,3 +189,22 @@ def test_the_consolidation_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert row["status"] == "succeeded" and row["consolidated"] == row["n"] == 2
         assert row["workflows"] == -(-2 // row["batch"])
         assert row["per_minute"] > 0 and row["entries"] >= 2 and row["completion_tokens"] > 0
+
+
+def test_the_cleanup_planner_simulation_runs(tmp_path: Path) -> None:
+    out = tmp_path / "cleanup.json"
+    args = ["--events", "600", "--waiting", "6", "--reps", "2", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cleanup_sim", *args],
+        cwd=PACKAGE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["fill"] for r in results] == ["binpack", "spread", "random"]
+    for r in results:
+        assert r["gpus"] == 1000 and r["hosts"] == 125 and r["waiting"] == 6
+        assert r["stranded_after_gib"] <= r["stranded_before_gib"] + 1e-9 or r["moves"] == 0
+        assert r["placed_after"] >= r["placed_before"]
