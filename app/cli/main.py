@@ -69,6 +69,9 @@ def up(
     raise typer.Exit(run_platform(demo=demo, exit_after_demo=exit_after_demo, flower=flower))
 
 
+KEEP_ALIVE_S = 75  # the API's idle keep-alive, as behind common load balancers (60 s)
+
+
 @app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
@@ -90,6 +93,10 @@ def api(
         "host": host or settings.api_host,
         "port": port or settings.api_port,
         "log_level": settings.log_level.lower(),
+        # Longer than clients keep an idle connection (httpx and the OpenAI SDK: 5 s, the
+        # same as uvicorn's default), so a client never reuses one the server has just
+        # closed ("server disconnected without sending a response").
+        "timeout_keep_alive": KEEP_ALIVE_S,
     }
     if processes == 1:
         uvicorn.run(create_app(), **common)
