@@ -94,4 +94,5 @@ def conversation(key_id: int | None, conversation_id: str) -> dict[str, Any]:
     conv = mem.conversations.get(tenant, conversation_id)
     messages = mem.conversations.page(tenant, conversation_id, after=0, limit=200)
     blocks = mem.blocks.all(tenant, conv.user_id)
-    return {"conv": conv, "messages": messages, "blocks": blocks}
+    archive = mem.archive.page(tenant, conv.user_id, limit=50).items
+    return {"conv": conv, "messages": messages, "blocks": blocks, "archive": archive}

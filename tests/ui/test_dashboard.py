@@ -241,6 +241,22 @@ def test_platform_pages_show_pools_models_alerts_and_conversations(
     page.wait_for_url(f"**/ui/conversations/{conv['id']}")
     assert "I prefer short answers." in page.locator(".messages").inner_text()
     assert "Prefers short answers." in page.locator(".blocks").inner_text()
+    assert "Nothing consolidated yet." in page.locator("ul.archive").inner_text()
+    # What consolidation would store, planted for this key's user: shown with its source.
+    from app.memory.archive import NewEntry
+    from app.memory.keys import tenant_of
+    from app.memory.service import get_memory
+    from app.store import db, keys
+
+    with db.session_scope() as session:
+        tenant = tenant_of(keys.verify_key(session, plat.key).id)
+    fact = NewEntry("The user prefers short answers.", "preference", conv["id"], 1, 1, "r1")
+    get_memory().archive.add(tenant, "ada", [fact])
+    page.reload()
+    entry = page.locator("ul.archive li.entry.preference")
+    assert "The user prefers short answers." in entry.inner_text()
+    assert "messages 1–1" in entry.inner_text()
+    assert "consolidated to message 0" in page.locator("main").inner_text()
     page.screenshot(path=str(shots / "conversation.png"), full_page=True)
 
     page.click("text=Sign out")
