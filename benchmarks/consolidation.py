@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 import uuid
@@ -33,7 +32,7 @@ from app.memory.service import get_memory
 from app.memory.store import NewMessage
 from app.store import db, keys
 from benchmarks import machine
-from benchmarks.streaming import _start, _wait_ready
+from benchmarks.streaming import _start, _stop, _wait_ready
 from models.catalog import load_catalog
 from models.pull import packaged_file
 
@@ -147,13 +146,7 @@ def run(n: int, batches: list[int], model: str | None) -> dict[str, Any]:
             rows = [one_batch_size(settings, str(row.id), b, n) for b in batches]
             described = machine.describe(settings.sqlalchemy_url, settings.broker_url)
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(20)
-        db.dispose_engines()
-        stack.close()
-        shutil.rmtree(work, ignore_errors=True)
+        _stop(procs, stack, work)
     return {"model": model, "n": n, "rows": rows, "machine": described}
 
 

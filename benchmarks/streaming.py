@@ -149,6 +149,17 @@ def _start(
     return settings, f"http://127.0.0.1:{port}"
 
 
+def _stop(procs: dict[str, Any], stack: ExitStack, work: Path) -> None:
+    """Stop what :func:`_start` started and remove its directory."""
+    for proc in procs.values():
+        proc.terminate()
+    for proc in procs.values():
+        proc.wait(20)
+    db.dispose_engines()
+    stack.close()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _wait_ready(http: httpx.Client, model: str, procs: dict[str, Any]) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -203,13 +214,7 @@ def run(n: int, max_tokens: int) -> dict[str, Any]:
         llm.close()
         described = machine.describe(settings.sqlalchemy_url, settings.broker_url)
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(20)
-        db.dispose_engines()
-        stack.close()
-        shutil.rmtree(work, ignore_errors=True)
+        _stop(procs, stack, work)
     return {"model": model, "n": n, "max_tokens": max_tokens, "rows": rows, "machine": described}
 
 

@@ -53,7 +53,6 @@ class Merge:
     """A new fact that repeats a stored entry: the entry is seen again, not repeated."""
 
     entry_id: str
-    score: float
     conversation_id: str
     to_seq: int
     run_id: str | None

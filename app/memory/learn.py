@@ -193,7 +193,7 @@ def commit(
                 else known.get(_key(fact.text))
             )
             if same is not None:
-                merges.append(Merge(same, 0.0, cid, upto, run_id))
+                merges.append(Merge(same, cid, upto, run_id))
                 continue
             if vec is not None and any(float(v @ vec) >= threshold for v in fresh):
                 continue  # repeats a fact of this same answer

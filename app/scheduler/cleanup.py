@@ -27,12 +27,12 @@ has enough free memory in all:
 
 * Exact: for k = 1, 2, … up to ``max_moves`` (and never past the best k found on another
   target), every k-subset of the target's movable leases is tried, fewest bytes first, and
-  packed into the host's other GPUs by best-fit decreasing, then, where that fails, by a
-  complete backtracking search (subsets of at most ``EXACT_PACK_ITEMS`` leases, within
-  ``PACK_NODES`` steps). Wherever a target's k-subsets number at most ``exact_limit`` (with
-  the defaults, any GPU with up to 20 movable leases: C(20, 4) = 4845), the plan has the
-  fewest moves over all targets, then the fewest bytes moved, then the lowest (host, GPU
-  index): the same as a brute force over every subset and every assignment to destinations.
+  packed into the host's other GPUs (:mod:`app.scheduler.packing`: best-fit decreasing,
+  then a complete backtracking search where that fails). Wherever a target's k-subsets
+  number at most ``exact_limit`` (with the defaults, any GPU with up to 20 movable leases:
+  C(20, 4) = 4845), the plan has the fewest moves over all targets, then the fewest bytes
+  moved, then the lowest (host, GPU index): the same as a brute force over every subset
+  and every assignment to destinations.
 * Greedy past that bound (a GPU with very many small idle pools): the largest idle leases
   first, each best-fit into a destination, until the hole is big enough. Always a valid plan,
   but it may use more moves than necessary.
@@ -51,10 +51,9 @@ from itertools import combinations
 from typing import Literal
 
 from app.scheduler.inventory import format_bytes
+from app.scheduler.packing import pack
 
 EXACT_LIMIT = 5000  # subsets of one size tried per target before going greedy
-EXACT_PACK_ITEMS = 8  # subsets this small are packed exactly when best-fit fails
-PACK_NODES = 50_000  # steps of the exact packing search
 DEFAULT_MAX_MOVES = 4
 
 Action = Literal["fits", "split", "moves", "none"]
@@ -329,54 +328,6 @@ def _fit_split(state: _State, w: Waiting) -> list[tuple[str, int]] | None:
     return None
 
 
-# Packing moved leases into destinations ----------------------------------------------------
-def _best_fit(items: Sequence[int], caps: Sequence[int]) -> list[int] | None:
-    """Best-fit decreasing (``items`` come largest first): destination per item, or None."""
-    rem = list(caps)
-    out = []
-    for n in items:
-        j = min((j for j, r in enumerate(rem) if r >= n), key=lambda j: rem[j], default=None)
-        if j is None:
-            return None
-        rem[j] -= n
-        out.append(j)
-    return out
-
-
-def _pack_exact(items: Sequence[int], caps: Sequence[int]) -> list[int] | None:
-    """Every assignment of ``items`` to destinations (equal remainders tried once)."""
-    rem = list(caps)
-    out = [0] * len(items)
-    steps = 0
-
-    def go(i: int) -> bool:
-        nonlocal steps
-        if i == len(items):
-            return True
-        steps += 1
-        if steps > PACK_NODES:
-            return False
-        tried: set[int] = set()
-        for j, r in enumerate(rem):
-            if r >= items[i] and r not in tried:
-                tried.add(r)
-                rem[j] -= items[i]
-                out[i] = j
-                if go(i + 1):
-                    return True
-                rem[j] += items[i]
-        return False
-
-    return out if go(0) else None
-
-
-def _pack(items: Sequence[int], caps: Sequence[int]) -> list[int] | None:
-    found = _best_fit(items, caps)
-    if found is None and len(items) <= EXACT_PACK_ITEMS:
-        found = _pack_exact(items, caps)
-    return found
-
-
 # The fewest moves ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Found:
@@ -445,7 +396,7 @@ def _search_target(
                 subsets.append((total, combo))
         subsets.sort()
         for total, combo in subsets:
-            where_ = _pack([sizes[i] for i in combo], caps)
+            where_ = pack([sizes[i] for i in combo], caps)
             if where_ is not None:
                 moves = _moves(target, dests, [movable[i] for i in combo], where_)
                 return _Found((k, total, target.host, target.index), target, moves)
