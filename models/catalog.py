@@ -55,6 +55,11 @@ class CatalogEntry(BaseModel):
     priority: int = Field(default=0, ge=0, le=100)
     reserve_gpus: tuple[str, ...] = ()
     reserve_bytes: int | None = Field(default=None, gt=0)
+    # The host agent (`corral agent`): seconds an idle pool stays loaded (default
+    # CORRAL_KEEP_ALIVE_S; 0 unloads as soon as it is idle, -1 never), and whether the
+    # model is started as soon as the agent starts, and kept.
+    keep_alive: float | None = Field(default=None, ge=-1)
+    preload: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,7 @@ and sha256.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +80,26 @@ class _BoundedReader(GGUFReader):
 
 
 def open_gguf(path: Path) -> GGUFReader:
-    """Memory-map a GGUF file and check it, raising ModelFileError with what to do."""
+    """Memory-map a GGUF file and check it, raising ModelFileError with what to do.
+
+    The reader of an unchanged file (same path, size and modification time) is reused:
+    parsing the metadata walks the whole vocabulary (seconds for a 49k-token one), and a
+    worker's start and the host agent's estimates would otherwise do it again each time.
+    """
     size = _check_file(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return _open_gguf(path, size)
+    return _cached_reader(path.resolve(), size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_reader(path: Path, size: int, _mtime_ns: int) -> GGUFReader:
+    return _open_gguf(path, size)
+
+
+def _open_gguf(path: Path, size: int) -> GGUFReader:
     try:
         reader = _BoundedReader(path)
     except _PastEndOfFile as exc:

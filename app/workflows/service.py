@@ -21,11 +21,12 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 
 from app.core.config import Settings
 from app.core.errors import ConflictError, SpecError
-from app.scheduler import live
+from app.scheduler import live, pools
 from app.store.tables import StepStatus, WorkflowStatus
 from app.workflows import dispatch, engine, events, streams
 from app.workflows.engine import Outcome, StepWork
@@ -135,9 +136,25 @@ def _replay(api_key_id: int | None, key: str, request_hash: str | None) -> Submi
 def read(workflow_id: str, api_key_id: int | None) -> WorkflowPublic:
     """A workflow of ``api_key_id`` with every step's state (:class:`NotFoundError` if none)."""
     workflow, steps = engine.read(workflow_id, api_key_id)
-    return WorkflowPublic.of(
-        workflow, priority=engine.priority_of(workflow_id), steps=[StepPublic.of(s) for s in steps]
-    )
+    public = [StepPublic.of(s) for s in steps]
+    _explain_waiting(public)
+    return WorkflowPublic.of(workflow, priority=engine.priority_of(workflow_id), steps=public)
+
+
+_WAITING = (StepStatus.queued, StepStatus.waiting_for_pool)
+
+
+def _explain_waiting(steps: list[StepPublic]) -> None:
+    """Give each waiting step whose model no agent can start now the agents' reason."""
+    if not any(s.status in _WAITING for s in steps):
+        return
+    try:
+        reasons = pools.waiting()
+    except (RedisError, OSError):  # the reason is a courtesy: the read goes on without it
+        return
+    for step in steps:
+        if step.status in _WAITING and step.model in reasons:
+            step.waiting_reason = pools.waiting_reason(reasons[step.model])
 
 
 def spec(workflow_id: str, api_key_id: int | None) -> dict[str, Any]:

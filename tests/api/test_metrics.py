@@ -86,6 +86,12 @@ def test_metrics_reads_the_database_redis_and_the_collector(isolated: Settings) 
         "corral_step_outcomes": "counter",
         "corral_prompt_tokens": "counter",
         "corral_completion_tokens": "counter",
+        "corral_pool_loads": "counter",
+        "corral_pool_unloads": "counter",
+        "corral_pool_evictions": "counter",
+        "corral_pool_moves": "counter",
+        "corral_pool_cold_start_seconds": "summary",
+        "corral_pool_cold_start_last_seconds": "gauge",
         "python_gc_objects_collected": "counter",
         "python_gc_objects_uncollectable": "counter",
         "python_gc_collections": "counter",
@@ -125,6 +131,7 @@ SUFFIXES = {
     "gauge": ("",),
     "counter": ("_total",),
     "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("_sum", "_count"),
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.api.deps import ApiKeyDep
-from app.scheduler import fragmentation, live
+from app.scheduler import fragmentation, pools
 from app.scheduler.service import gpus_view
 
 router = APIRouter(prefix="/v1", tags=["scheduler"])
@@ -23,8 +23,7 @@ def list_gpus(_key: ApiKeyDep) -> dict[str, Any]:
 
 @router.get("/pools")
 def list_pools(_key: ApiKeyDep) -> dict[str, Any]:
-    """Live worker processes per model, with their GPUs and reservations."""
-    pools: dict[str, list[dict[str, Any]]] = {}
-    for w in live.live_workers():
-        pools.setdefault(str(w.get("model")), []).append(w)
-    return {"pools": [{"model": m, "workers": ws} for m, ws in sorted(pools.items())]}
+    """Per model: live pool processes with their state (ready, idle and for how long,
+    releasing), GPUs and reservations; the host agents' pools still starting or loading;
+    why the model waits, per host; the agents, and their latest actions."""
+    return pools.pools_view()

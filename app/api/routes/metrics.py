@@ -7,7 +7,8 @@ the rules read: GPUs, queues, pools, step rates and latencies over
 alerts per rule (``corral_alerts{rule,severity,state}``); the per-model step counters every
 worker adds to in Redis (:mod:`app.governance.model_stats`: histograms of step duration,
 queue wait and time to first token, outcomes and tokens); pool processes busy or idle
-(``corral_pools{model,state}``, their heartbeats); and the start-up objects this API
+(``corral_pools{model,state}``, their heartbeats); the host agents' loads, unloads,
+evictions, moves and cold starts (``corral_pool_*``); and the start-up objects this API
 process froze. prometheus_client's
 :class:`~prometheus_client.GCCollector` adds this process's garbage collector
 (``python_gc_*``).
@@ -28,6 +29,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis.exceptions import RedisError
@@ -37,7 +39,7 @@ from sqlmodel import col, select
 from app.core.config import get_settings
 from app.governance import model_stats
 from app.governance.metrics import METRICS, Snapshot, gather
-from app.scheduler import live
+from app.scheduler import live, pools
 from app.store import db
 from app.store.tables import (
     Alert,
@@ -93,6 +95,7 @@ class CorralCollector(Collector):
         yield alert_family()
         yield from step_families()
         yield pool_family(snap.errors.get("pools") is None)
+        yield from agent_families()
 
         yield GaugeMetricFamily(
             "corral_gc_frozen_objects",
@@ -217,6 +220,50 @@ def pool_family(readable: bool = True) -> Metric:
         family.add_metric([model, "busy"], counts.get((model, True), 0))
         family.add_metric([model, "idle"], counts.get((model, False), 0))
     return family
+
+
+# The host agents' counters (app.scheduler.pools): exported name and help.
+AGENT_COUNTERS = {
+    "loads": ("corral_pool_loads_total", "Pools an agent started that loaded their model."),
+    "unloads": ("corral_pool_unloads_total", "Idle pools an agent unloaded (keep-alive)."),
+    "evictions": (
+        "corral_pool_evictions_total",
+        "Idle pools an agent evicted for a waiting model of higher priority.",
+    ),
+    "moves": ("corral_pool_moves_total", "Idle pools an agent moved for fragmentation cleanup."),
+}
+
+
+def agent_families() -> Iterator[Metric]:
+    """The host agents' counters per model, and the seconds from a model's first waiting
+    step to its new pool's first step (a summary: sum and count, and the last one)."""
+    try:
+        counts = pools.counters()
+    except (RedisError, OSError) as exc:
+        log.warning("cannot read the agents' counters from Redis: %s", exc)
+        counts = {}
+    for name, (export, help_text) in AGENT_COUNTERS.items():
+        family = CounterMetricFamily(export, help_text, labels=["model"])
+        for model, n in sorted(counts.get(name, {}).items()):
+            family.add_metric([model], n)
+        yield family
+    cold = SummaryMetricFamily(
+        "corral_pool_cold_start_seconds",
+        "Seconds from a model's first waiting step to the first step of the pool an agent "
+        "started for it.",
+        labels=["model"],
+    )
+    last = GaugeMetricFamily(
+        "corral_pool_cold_start_last_seconds",
+        "The latest of corral_pool_cold_start_seconds.",
+        labels=["model"],
+    )
+    sums = counts.get("cold_start_seconds_sum", {})
+    for model, n in sorted(counts.get("cold_start_seconds_count", {}).items()):
+        cold.add_metric([model], count_value=int(n), sum_value=sums.get(model, 0.0))
+        last.add_metric([model], counts.get("cold_start_seconds_last", {}).get(model, 0.0))
+    yield cold
+    yield last
 
 
 REGISTRY = CollectorRegistry(auto_describe=True)
