@@ -10,6 +10,7 @@ CSRF token.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -40,6 +41,9 @@ def _brief(output: dict[str, Any]) -> dict[str, Any]:
 
 
 templates.env.filters["brief"] = _brief
+templates.env.filters["timestamp"] = lambda t: datetime.fromtimestamp(t, UTC).strftime(
+    "%Y-%m-%d %H:%M:%S"
+)
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 

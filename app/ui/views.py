@@ -33,14 +33,22 @@ def gpus() -> dict[str, Any]:
         h["largest"] = max(h["largest"], g["free_bytes"])
     now = time.time()
     pools = []
-    for model in pool_view.pools_view()["pools"]:
+    agents = pool_view.pools_view()
+    for model in agents["pools"]:
         for w in model["workers"]:
             age = round(now - float(w.get("heartbeat_at", now)), 1)
             pools.append({**w, "heartbeat_age_s": age})
         for s in model["starting"]:  # an agent's pool that is not serving yet
             pools.append({"worker": s["node"], "model": s["model"], "host": s["agent"], **s})
     pools.sort(key=lambda w: (str(w.get("model")), str(w.get("worker"))))
-    return {"gpus": view["gpus"], "hosts": hosts, "pools": pools, "pending": view["pending"]}
+    return {
+        "gpus": view["gpus"],
+        "hosts": hosts,
+        "pools": pools,
+        "pending": view["pending"],
+        "agents": agents["agents"],
+        "events": agents["events"][:20],
+    }
 
 
 def _figures(snap: Snapshot, model: str) -> dict[str, float]:

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from app.core.config import use_settings
+from app.core.redis import get_redis
 from app.governance.evaluate import evaluate
+from app.scheduler import pools
 from tests.utils.databases import with_database
 from tests.utils.platform import Platform, module_settings, start_platform
 from tests.utils.workflows import gen
@@ -212,6 +214,16 @@ def test_platform_pages_show_pools_models_alerts_and_conversations(
     )
     assert sum(reserved) > 0
     assert "tiny-chat" in page.locator(".gpu ul.res").all_inner_texts().__str__()
+    # These pools were started by hand: no agent has acted; an agent's action is listed.
+    assert "No agent has acted yet" in page.locator("#agent-events").inner_text()
+    assert page.locator("tr.pool[data-model='tiny-chat'] .badge").first.inner_text() in (
+        "idle",
+        "ready",
+    )
+    pools.record(get_redis(), "unload", "gpu-host", "tiny-embed", node="n1", reason="idle 300 s")
+    page.reload()
+    event = page.locator("#agent-events tbody tr").first.inner_text()
+    assert "unload" in event and "tiny-embed" in event and "idle 300 s" in event
     page.screenshot(path=str(shots / "gpus.png"), full_page=True)
 
     page.goto(plat.url + "/ui/models")
