@@ -3,7 +3,10 @@
 The placement happens before Celery starts and before llama.cpp initialises: the pool
 processes inherit ``CUDA_VISIBLE_DEVICES``, and the model and its layer split as
 ``CORRAL_*`` settings, through the environment. Celery consumes with kombu's own Redis
-transport.
+transport. A model with one slot runs Celery's prefork pool (``--concurrency`` processes,
+each with its own copy); a chat model with ``parallel`` slots runs the threads pool with
+``parallel`` threads in one process that loads the model once and decodes their steps
+together (:mod:`workers.batching`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from app.scheduler.service import PoolScheduler
 from app.workflows.names import queue_for
 from models.catalog import load_catalog
 from models.gguf_info import read_gguf_info
+from workers.process import parallel_for
 
 
 def run_worker(
@@ -30,8 +34,12 @@ def run_worker(
     concurrency: int = 1,
     n_ctx: int | None = None,
     wait: bool = True,
+    parallel: int | None = None,
 ) -> None:
-    """Validate ``model`` and its GGUF (without llama.cpp), place it, then start the worker."""
+    """Validate ``model`` and its GGUF (without llama.cpp), place it, then start the worker.
+
+    ``parallel``: the sequences decoded at once (default: the catalog's ``parallel``).
+    """
     settings = get_settings()
     settings.broker_url  # noqa: B018  (fail early with what to do)
     catalog = load_catalog(settings.catalog_path)
@@ -44,6 +52,18 @@ def run_worker(
         raise ConfigError(
             f"--ctx must be between 1 and {entry.name}'s context_length {entry.context_length}, "
             f"got {n_ctx}"
+        )
+    if parallel is not None and parallel < 1:
+        raise ConfigError(f"--parallel must be ≥ 1, got {parallel}")
+    if parallel is not None and parallel > 1 and entry.kind == "embed":
+        raise ConfigError(
+            f"--parallel is for chat models; {entry.name} embeds: use --concurrency for copies"
+        )
+    slots = parallel_for(entry, parallel or settings.worker_parallel)
+    if slots > 1 and concurrency != 1:
+        raise ConfigError(
+            f"--parallel {slots} decodes {slots} steps together in one process; use "
+            "--concurrency 1 with it (or start more workers)"
         )
     try:  # the broker: an unreachable one is said now, not retried by Celery for minutes
         ping()
@@ -73,7 +93,9 @@ def run_worker(
             catalog,
             evict=lambda r: control.request_release(celery_app, r, f"needed by {entry.name}"),
         )
-        placement = sched.acquire(entry, path, holder=nodename, gpu=gpu, n_ctx=n_ctx, wait=wait)
+        placement = sched.acquire(
+            entry, path, holder=nodename, gpu=gpu, n_ctx=n_ctx, wait=wait, parallel=slots
+        )
         if placement is not None:
             _pin(placement)
             sched.keep(placement)
@@ -83,6 +105,7 @@ def run_worker(
             )
     os.environ["CORRAL_WORKER_MODEL"] = entry.name
     os.environ["CORRAL_WORKER_NODE"] = nodename  # the pool processes announce it
+    os.environ["CORRAL_WORKER_PARALLEL"] = str(slots)
     if n_ctx:
         os.environ["CORRAL_WORKER_CTX"] = str(n_ctx)
     # Settings are read once per process: read them again with the worker's own, which
@@ -94,7 +117,8 @@ def run_worker(
         where = f"GPU {gpus} ({format_bytes(placement.estimate.total_bytes)} reserved)"
     print(
         f"corral worker: {entry.name} ({info.architecture}, {info.size_bytes / 1e6:.1f} MB, "
-        f"n_ctx {n_ctx or entry.n_ctx}) on queue {queue_for(entry.name)}, {where}",
+        f"n_ctx {n_ctx or entry.n_ctx}, {slots} slot(s)) on queue {queue_for(entry.name)}, "
+        f"{where}",
         flush=True,
     )
     celery_app.worker_main(
@@ -103,9 +127,9 @@ def run_worker(
             "-Q",
             queue_for(entry.name),
             "--pool",
-            "prefork",
+            "threads" if slots > 1 else "prefork",
             "--concurrency",
-            str(concurrency),
+            str(slots if slots > 1 else concurrency),
             "-n",
             nodename,
             "--loglevel",

@@ -344,25 +344,13 @@ class LlamaCppRuntime:
         return out
 
     def chat(self, inp: dict[str, Any], control: RunControl) -> dict[str, Any]:
-        messages = structured.template_messages(inp["messages"])
-        functions = [structured.FunctionDef.model_validate(f) for f in inp.get("functions") or []]
-        choice = str(inp.get("function_call") or "auto")
-        calling = bool(functions) and choice != "none"
-        if "grammar" in inp:  # the caller's own (memory tool calls), or None: free text
-            gbnf = inp["grammar"]
-        elif calling:
-            gbnf = structured.call_grammar(functions, choice)
-            messages = _with_system(messages, structured.function_prompt(functions, choice))
-        else:
-            fmt = inp.get("response_format")
-            gbnf = structured.response_grammar(
-                structured.ResponseFormat.model_validate(fmt) if fmt else None
-            )
+        plan = ChatPlan.of(inp)
+        messages, functions, calling = plan.messages, plan.functions, plan.calling
         grammar = None
-        if gbnf:
+        if plan.grammar:
             from llama_cpp.llama_grammar import LlamaGrammar
 
-            grammar = LlamaGrammar.from_string(gbnf, verbose=False)
+            grammar = LlamaGrammar.from_string(plan.grammar, verbose=False)
         started = time.perf_counter()
         sampling = self._sampling(inp)
         try:
@@ -423,6 +411,38 @@ class LlamaCppRuntime:
 
     def close(self) -> None:
         self.llm.close()
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """What a chat step sends to the model: its messages (with the functions' prompt when
+    the model may call one), the grammar its reply is generated under (None: free text),
+    and the functions whose call is read back from the reply."""
+
+    messages: list[dict[str, Any]]
+    grammar: str | None
+    functions: list[structured.FunctionDef]
+    calling: bool
+
+    @classmethod
+    def of(cls, inp: dict[str, Any]) -> ChatPlan:
+        """The plan of a chat step's validated input: ``inp["grammar"]`` when given (the
+        caller's own, or None), else a call's grammar, else ``response_format``'s."""
+        messages = structured.template_messages(inp["messages"])
+        functions = [structured.FunctionDef.model_validate(f) for f in inp.get("functions") or []]
+        choice = str(inp.get("function_call") or "auto")
+        calling = bool(functions) and choice != "none"
+        if "grammar" in inp:  # the caller's own (memory tool calls), or None: free text
+            gbnf = inp["grammar"]
+        elif calling:
+            gbnf = structured.call_grammar(functions, choice)
+            messages = _with_system(messages, structured.function_prompt(functions, choice))
+        else:
+            fmt = inp.get("response_format")
+            gbnf = structured.response_grammar(
+                structured.ResponseFormat.model_validate(fmt) if fmt else None
+            )
+        return cls(messages, gbnf or None, functions, calling)
 
 
 def _with_system(messages: list[dict[str, Any]], section: str) -> list[dict[str, Any]]:

@@ -120,10 +120,18 @@ def worker(
     wait: Annotated[
         bool, typer.Option(help="Wait (visibly pending) when no GPU has room; else exit 3.")
     ] = True,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Steps decoded together in one process, one model copy (default: the "
+            "catalog's parallel).",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker pool for one model: consumes only queue ``model.<name>``."""
     run_worker = _worker_side(WORKER_LAUNCH)
-    run_worker(model, gpu=gpu, concurrency=concurrency, n_ctx=ctx, wait=wait)
+    run_worker(model, gpu=gpu, concurrency=concurrency, n_ctx=ctx, wait=wait, parallel=parallel)
 
 
 @app.command()

@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     worker_ctx: int | None = Field(
         default=None, ge=1, description="the context it loads; unset: the catalog's n_ctx"
     )
+    worker_parallel: int | None = Field(
+        default=None, ge=1, description="sequences it decodes at once; unset: the catalog's"
+    )
     n_gpu_layers: int = Field(default=0, ge=-1, description="layers on the GPU; -1: every one")
     main_gpu: int = Field(default=0, ge=0, description="index among the visible GPUs")
     tensor_split: tuple[float, ...] | None = Field(

@@ -5,6 +5,11 @@
                         sliding-window layers only keep their window)
           + compute buffers (llama.cpp's graph scratch: the larger of the logits and the
                         attention scores with their mask; no score matrix with flash attention)
+
+The weights are counted once however many slots there are: a pool serving ``parallel``
+sequences holds one model and one context whose KV cache has one stream of ``n_ctx`` cells
+per slot (llama.cpp's ``kv_unified = false``, as :mod:`workers.batching` makes it), so a
+sequence's attention spans its own stream and the score matrix does not grow with slots.
           + a fixed per-GPU overhead (CUDA context, cuBLAS workspace)
 
 For a tensor split, each GPU holds its share of layers (weights and KV), its own compute
@@ -194,17 +199,17 @@ def estimate(
     if split and sum(split) != shape.n_layer:
         raise ValueError(f"a split must place all {shape.n_layer} layers, got {sum(split)}")
     per_elem = CACHE_TYPE_BYTES[cache_type]
-    cells = n_ctx * parallel
+    cells = n_ctx  # per slot: each has a KV stream of its own
     row = shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v) * per_elem
     period = SWA_PERIOD.get(shape.architecture)
     kv = []
     for layer in range(shape.n_layer):
         window = shape.sliding_window
         swa = window is not None and period is not None and (layer % period) != period - 1
-        layer_cells = min(cells, window * parallel + n_ubatch) if window and swa else cells
-        kv.append(int(layer_cells * row))
+        layer_cells = min(cells, window + n_ubatch) if window and swa else cells
+        kv.append(int(layer_cells * parallel * row))
     # The graph's peak: the output (logits, and the last hidden state around the output
-    # norm), or attention (the f32 score matrix and the mask over every cell).
+    # norm), or attention (the f32 score matrix and the mask over a stream's cells).
     logits = 4 * n_ubatch * (shape.n_vocab + 3 * shape.n_embd)
     attention = 0 if flash_attention else 4 * n_ubatch * shape.n_head * cells
     mask = (2 if flash_attention else 4) * n_ubatch * cells

@@ -179,8 +179,10 @@ class PoolScheduler:
         n_ctx: int | None = None,
         wait: bool = True,
         timeout_s: float | None = None,
+        parallel: int = 1,
     ) -> Placement | None:
-        """Reserve GPUs for ``entry`` (None: this host has no GPU, run on the CPU)."""
+        """Reserve GPUs for ``entry`` (None: this host has no GPU, run on the CPU): the
+        weights once, and the KV cache of ``parallel`` slots of ``n_ctx`` tokens."""
         gpus = self.inventory.gpus()
         if not gpus:
             if gpu.isdigit():
@@ -194,7 +196,7 @@ class PoolScheduler:
                 f"--gpu {gpu}: this host has GPUs {sorted(g.index for g in gpus)}", permanent=True
             )
         ctx = n_ctx or entry.n_ctx
-        est = estimate_for(self.settings, path, ctx)
+        est = estimate_for(self.settings, path, ctx, parallel)
         policy: Policy = (
             Pinned(int(gpu)) if gpu.isdigit() else POLICIES[self.settings.placement_policy]()
         )
@@ -214,6 +216,7 @@ class PoolScheduler:
                     estimate_split=lambda split: estimate(
                         est.shape,
                         ctx,
+                        parallel=parallel,
                         cache_type=est.cache_type,
                         flash_attention=est.flash_attention,
                         overhead_bytes=est.overhead_bytes,
@@ -224,7 +227,8 @@ class PoolScheduler:
                     return result
                 if result.permanent:
                     raise PlacementError(
-                        f"model {entry.name!r} at n_ctx {ctx}: {result.reason}",
+                        f"model {entry.name!r} at n_ctx {ctx} × {parallel} slot(s): "
+                        f"{result.reason}",
                         permanent=True,
                         need_bytes=result.need,
                     )
