@@ -1,8 +1,8 @@
 """`corral up` stops everything it started on SIGTERM exactly as on Ctrl-C (SIGINT).
 
 The real `corral up --no-demo`, in a subprocess with its own data directory and API port;
-the test records its whole process tree (API, workers and their pools, beat, Flower, the
-embedded redis-server), signals `corral up` alone (as ``docker stop`` or systemd's
+the test records its whole process tree (API, the host agent and the pool it preloads, beat,
+Flower, the embedded redis-server), signals `corral up` alone (as ``docker stop`` or systemd's
 ``KillMode=mixed`` do), and checks that it exits in bounded time having stopped and reaped
 every one of them: nothing may outlive it, so the kernel's parent-death signal (the net
 for a `corral up` killed with SIGKILL) cannot hide a shutdown that left something behind.
@@ -23,8 +23,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from app.core.embedded import free_port
+from models.catalog import load_catalog
 
 pytestmark = [
     pytest.mark.e2e,
@@ -105,7 +107,14 @@ def up(tmp_path: Path, models_dir: Path) -> Iterator[tuple[subprocess.Popen[byte
     of it afterwards is killed (a failing run must not leak a platform)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    # tiny-chat preloaded: the host agent starts its pool at once, without a step.
+    catalog = yaml.safe_load(load_catalog().path.read_text())  # type: ignore[union-attr]
+    for entry in catalog["models"]:
+        if entry["name"] == "tiny-chat":
+            entry["preload"] = True
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
     env.update(
+        CORRAL_CATALOG_PATH=str(tmp_path / "catalog.yaml"),
         CORRAL_DATA_DIR=str(tmp_path / "data"),
         CORRAL_MODELS_DIR=str(models_dir),
         CORRAL_API_PORT=str(port),
@@ -169,6 +178,12 @@ def test_up_stops_everything_it_started(
     proc, out, port = up
     if phase == "serving":
         _wait_for("/healthz answering", lambda: _serving(out, port), proc, out)
+        _wait_for(
+            "the agent's preloaded pool",
+            lambda: any("worker --model tiny-chat" in p.cmdline for p in descendants(proc.pid)),
+            proc,
+            out,
+        )
     else:  # the API process started, the workers starting: far from ready
         api_log = tmp_path / "data" / "logs" / "api.log"
         _wait_for("the API process", api_log.exists, proc, out)
@@ -177,7 +192,7 @@ def test_up_stops_everything_it_started(
     redis = [p for p in tree if "redis-server" in p.cmdline]
     assert redis, f"no embedded redis-server under corral up: {tree}"
     if phase == "serving":
-        started = {"app.cli.main api", "worker --model tiny-chat", "worker --model tiny-embed"}
+        started = {"app.cli.main api", "app.cli.main agent", "worker --model tiny-chat"}
         started |= {"app.cli.main beat", "app.cli.main flower"}
         missing = [s for s in started if not any(s in p.cmdline for p in tree)]
         assert not missing, f"not under corral up: {missing}; tree {tree}"
