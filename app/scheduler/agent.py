@@ -102,6 +102,7 @@ class Agent:
     models: list[str] | None = None  # the models it may start (default: every present one)
     children: dict[str, Child] = field(default_factory=dict)
     backoff: dict[str, float] = field(default_factory=dict)
+    _refused: set[str] = field(default_factory=set)  # pools that refused to go (busy)
     _registered_at: float = 0.0
 
     def __post_init__(self) -> None:
@@ -373,6 +374,7 @@ class Agent:
             self._forget_waiting(entry.name)
             self._spawn(entry, depth=depth)
             return
+        self._refused.clear()
         if self._evict_for(entry, need, rooms):
             self._forget_waiting(entry.name)
             self._spawn(entry, depth=depth)
@@ -409,7 +411,9 @@ class Agent:
             for r in here:
                 if room >= need:
                     break
-                if control.release(self.celery, r.holder, f"evicted for {entry.name}"):
+                if not control.release(self.celery, r.holder, f"evicted for {entry.name}"):
+                    self._refused.add(r.holder)  # a step arrived since its last heartbeat
+                else:
                     room += r.bytes
                     pools.record(
                         self.client,
@@ -436,10 +440,13 @@ class Agent:
                 f"(largest after headroom {format_bytes(max(capacity.values()))})"
             )
         else:
-            idle = sum(r.bytes for _, r in self._idle_pools_here(entry.priority))
+            idle = [
+                r for _, r in self._idle_pools_here(entry.priority) if r.holder not in self._refused
+            ]
+            idle_bytes = format_bytes(sum(r.bytes for r in idle))
             evictable = (
-                f"evicting every idle pool of lower priority ({format_bytes(idle)}) would not "
-                "make room on one GPU"
+                f"evicting every idle pool of lower priority ({idle_bytes}) would not make "
+                "room on one GPU; busy pools are never evicted"
                 if idle
                 else "no idle pool of lower priority to evict; busy pools are never evicted"
             )

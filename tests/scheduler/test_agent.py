@@ -142,7 +142,7 @@ def agents(settings: Settings, tmp_path: Path) -> Iterator[Agents]:
         CORRAL_GPU_HEADROOM_BYTES="0",
         CORRAL_LEASE_TTL_S="2",
         CORRAL_PLACEMENT_POLL_S="0.3",
-        CORRAL_WORKER_HEARTBEAT_S="0.5",
+        CORRAL_WORKER_HEARTBEAT_S="1",
         CORRAL_AGENT_POLL_S="0.2",
         CORRAL_KEEP_ALIVE_S="-1",
     )
@@ -204,6 +204,7 @@ def test_a_waiting_step_starts_a_pool_that_unloads_when_idle_but_never_while_bus
     assert worker["agent"] == "h1" and worker["host"] == "h1"
     (lease,) = c.reservations()
     assert lease["model"] == "tiny-a" and lease["bytes"] > 40 * MiB
+    until(lambda: c.events("load", "tiny-a"), 10, "the agent to see the pool serve")
     assert [e["action"] for e in c.events(model="tiny-a")][::-1][:2] == ["start", "load"]
 
     # Idle past its keep-alive (tiny-a's catalog entry says never): it stays.
@@ -247,11 +248,11 @@ def test_priority_evicts_the_idle_lower_pool_never_a_busy_one_and_says_why_it_wa
     long = c.submit("tiny-a", max_tokens=4000, ignore_eos=True)
     until(lambda: c.step(long)["status"] == "running", 60, "tiny-a's long step")
     vip = c.submit("tiny-vip")
-    # (the pool's heartbeat says it is busy within half a second of the step's start)
     reason = until(
         lambda: "never evicted" in (r := c.step(vip)["waiting_reason"] or "") and r,
-        30,
+        60,
         "the vip step's reason",
+        lambda: f"{c.step(vip)}\n{c.step(long)}\n{c.view()}\n{c.log('agent-h1')}",
     )
     assert "needs 85.04 MiB" in reason and "largest room GPU h1:0 56.96 MiB" in reason, reason
     pool = next(p for p in c.view()["pools"] if p["model"] == "tiny-vip")
